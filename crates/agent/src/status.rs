@@ -1,0 +1,46 @@
+//! status.json: what the agent has attached, for the lab, tests and meshctl.
+
+use std::path::PathBuf;
+
+use crate::Config;
+
+/// A pod device with both TC programs attached.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachedDevice {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// The agent's view of its datapath.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub socket_hooks: Vec<String>,
+    pub devices: Vec<AttachedDevice>,
+    pub loaded_at_unix: u64,
+}
+
+impl Status {
+    /// Path of status.json inside a state directory.
+    pub fn path(state_dir: &std::path::Path) -> PathBuf {
+        state_dir.join("status.json")
+    }
+}
+
+pub(crate) fn write(config: &Config, status: &Status) -> std::io::Result<()> {
+    let Some(dir) = &config.state_dir else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("status.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    std::fs::rename(&tmp, Status::path(dir))
+}
+
+pub(crate) fn remove(config: &Config) {
+    if let Some(dir) = &config.state_dir {
+        let _ignored = std::fs::remove_file(Status::path(dir));
+    }
+}

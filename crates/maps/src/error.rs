@@ -1,0 +1,20 @@
+use std::path::PathBuf;
+
+/// Errors from opening or reading pinned maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("pinned map {path} not found: is meshless-agent running on this node (or was it ever)?")]
+    NotPinned { path: PathBuf },
+    #[error("opening pinned map {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("reading map {name}: {source}")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
