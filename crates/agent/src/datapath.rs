@@ -135,8 +135,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(program_err(name))?;
+            // With bpf_link (every kernel we support) the kernel always allows
+            // other programs beside ours and rejects explicit multi flags, so
+            // the mode stays at its default.
             let link = prog
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_err(name))?;
             self.cgroup_links.push((name, link));
         }
