@@ -16,7 +16,18 @@ fn main() -> anyhow::Result<()> {
     let datapath = datapath
         .canonicalize()
         .with_context(|| format!("{} is missing", datapath.display()))?;
-    let datapath = datapath.to_str().context("non-UTF-8 path to bpf/datapath")?;
+    let datapath = datapath
+        .to_str()
+        .context("non-UTF-8 path to bpf/datapath")?;
+    // aya-build relays every line the nested cargo prints as a cargo warning,
+    // which cargo then replays on every build; keep the nested cargo quiet
+    // so only real diagnostics show.
+    // SAFETY: build scripts are single-threaded here; nothing reads the
+    // environment concurrently.
+    #[allow(unsafe_code, reason = "std::env::set_var is unsafe in edition 2024")]
+    unsafe {
+        std::env::set_var("CARGO_TERM_QUIET", "true");
+    }
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "meshless-datapath",

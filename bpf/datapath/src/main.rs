@@ -4,7 +4,10 @@
 //! explicit verdict; anything that goes wrong is counted in `ml_stats`.
 #![no_std]
 #![no_main]
-#![allow(unsafe_code, reason = "BPF programs need link_section/no_mangle and raw pointers into maps")]
+#![allow(
+    unsafe_code,
+    reason = "BPF programs need link_section/no_mangle and raw pointers into maps"
+)]
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -72,16 +75,24 @@ fn try_count(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         ETH_P_IP => {
             key.family = family::IPV4;
             key.protocol = ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| truncated())?;
-            let saddr = ctx.load::<[u8; 4]>(ETH_HLEN + 12).map_err(|_| truncated())?;
-            let daddr = ctx.load::<[u8; 4]>(ETH_HLEN + 16).map_err(|_| truncated())?;
+            let saddr = ctx
+                .load::<[u8; 4]>(ETH_HLEN + 12)
+                .map_err(|_| truncated())?;
+            let daddr = ctx
+                .load::<[u8; 4]>(ETH_HLEN + 16)
+                .map_err(|_| truncated())?;
             key.saddr[..4].copy_from_slice(&saddr);
             key.daddr[..4].copy_from_slice(&daddr);
         }
         ETH_P_IPV6 => {
             key.family = family::IPV6;
             key.protocol = ctx.load::<u8>(ETH_HLEN + 6).map_err(|_| truncated())?;
-            key.saddr = ctx.load::<[u8; 16]>(ETH_HLEN + 8).map_err(|_| truncated())?;
-            key.daddr = ctx.load::<[u8; 16]>(ETH_HLEN + 24).map_err(|_| truncated())?;
+            key.saddr = ctx
+                .load::<[u8; 16]>(ETH_HLEN + 8)
+                .map_err(|_| truncated())?;
+            key.daddr = ctx
+                .load::<[u8; 16]>(ETH_HLEN + 24)
+                .map_err(|_| truncated())?;
         }
         _ => {
             bump(stat::TC_NON_IP);
@@ -89,14 +100,21 @@ fn try_count(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         }
     }
     let len = u64::from(ctx.len());
-    if let Some(count) = PACKET_COUNTERS.get_ptr_mut(&key) {
+    if let Some(count) = PACKET_COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, written only from this CPU.
         unsafe {
             (*count).packets += 1;
             (*count).bytes += len;
         }
     } else if PACKET_COUNTERS
-        .insert(&key, &PacketCount { packets: 1, bytes: len }, 0)
+        .insert(
+            key,
+            PacketCount {
+                packets: 1,
+                bytes: len,
+            },
+            0,
+        )
         .is_err()
     {
         bump(stat::PACKET_COUNTERS_FULL);

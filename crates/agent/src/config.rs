@@ -3,7 +3,11 @@ use std::path::PathBuf;
 /// Agent configuration. Every key can also come from the environment
 /// (`MESHLESS_<KEY>`), which is how the DaemonSet will set it.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "meshless-agent", version, about = "Meshless node agent: owns this node's eBPF datapath")]
+#[command(
+    name = "meshless-agent",
+    version,
+    about = "Meshless node agent: owns this node's eBPF datapath"
+)]
 pub struct Config {
     /// This node's name; maps are pinned under <bpffs-root>/<node>/.
     #[arg(long, env = "MESHLESS_NODE")]
@@ -50,8 +54,14 @@ mod tests {
 
     #[test]
     fn defaults_and_pin_dir() {
-        let c = Config::try_parse_from(["meshless-agent", "--node", "n1", "--cgroup", "/sys/fs/cgroup/unified/x"])
-            .expect("minimal flags parse");
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n1",
+            "--cgroup",
+            "/sys/fs/cgroup/unified/x",
+        ])
+        .expect("minimal flags parse");
         assert_eq!(c.pin_dir(), std::path::Path::new("/sys/fs/bpf/meshless/n1"));
         assert_eq!(c.pod_device_prefix, "ml");
         assert_eq!(c.rescan_interval_ms, 200);
@@ -59,7 +69,8 @@ mod tests {
 
     #[test]
     fn node_is_required() {
-        let err = Config::try_parse_from(["meshless-agent", "--cgroup", "/x"]).expect_err("missing --node");
+        let err = Config::try_parse_from(["meshless-agent", "--cgroup", "/x"])
+            .expect_err("missing --node");
         assert!(err.to_string().contains("--node"), "{err}");
     }
 }

@@ -33,7 +33,9 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
-    #[error("loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)")]
+    #[error(
+        "loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)"
+    )]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
     Program {
@@ -71,7 +73,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     config: Config,
     devices: BTreeMap<String, DeviceLinks>,
-    cgroup_links: Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>,
+    cgroup_links: Vec<(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    )>,
     loaded_at_unix: u64,
 }
 
@@ -187,7 +192,9 @@ impl Datapath {
                     tracing::info!(device = %name, ifindex, "pod device attached");
                     self.devices.insert(name, DeviceLinks { ifindex, from, to });
                 }
-                Err(err) => tracing::warn!(device = %name, error = %err, "attaching pod device; will retry"),
+                Err(err) => {
+                    tracing::warn!(device = %name, error = %err, "attaching pod device; will retry")
+                }
             }
         }
     }
@@ -235,7 +242,9 @@ impl Datapath {
         for (prog, link) in [(PROG_POD_FROM, links.from), (PROG_POD_TO, links.to)] {
             match self.classifier(prog).map(|p| p.detach(link)) {
                 Ok(Ok(())) => detached += 1,
-                Ok(Err(err)) => tracing::debug!(device = %name, program = prog, error = %err, "detach"),
+                Ok(Err(err)) => {
+                    tracing::debug!(device = %name, program = prog, error = %err, "detach")
+                }
                 Err(err) => tracing::debug!(device = %name, program = prog, error = %err, "detach"),
             }
         }
@@ -259,7 +268,9 @@ impl Datapath {
                 .map(|p| p.detach(link));
             match result {
                 Ok(Ok(())) => detached += 1,
-                Ok(Err(err)) => tracing::warn!(program = name, error = %err, "detaching socket hook"),
+                Ok(Err(err)) => {
+                    tracing::warn!(program = name, error = %err, "detaching socket hook")
+                }
                 Err(err) => tracing::warn!(program = name, error = %err, "detaching socket hook"),
             }
         }
@@ -272,7 +283,11 @@ impl Datapath {
             node: self.config.node.clone(),
             pin_dir: self.config.pin_dir(),
             cgroup: self.config.cgroup.clone(),
-            socket_hooks: self.cgroup_links.iter().map(|(n, _)| (*n).to_owned()).collect(),
+            socket_hooks: self
+                .cgroup_links
+                .iter()
+                .map(|(n, _)| (*n).to_owned())
+                .collect(),
             devices: self
                 .devices
                 .iter()

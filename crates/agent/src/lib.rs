@@ -22,7 +22,9 @@ use tokio::signal::unix::{SignalKind, signal};
 /// Runs the agent until SIGTERM or SIGINT, then detaches everything it attached.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config).context("loading the datapath")?;
-    datapath.attach_cgroup().context("attaching the socket hooks")?;
+    datapath
+        .attach_cgroup()
+        .context("attaching the socket hooks")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(config.rescan_interval_ms));

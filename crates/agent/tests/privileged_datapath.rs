@@ -22,10 +22,21 @@ fn labtool() -> Command {
 
 fn udp(lab: &Lab, from: &Pod, to: SocketAddr, count: u32) -> (u64, u64) {
     let mut cmd = labtool();
-    cmd.args(["udp-send", "--to", &to.to_string(), "--count", &count.to_string()]);
-    let out = lab.run_in_pod(from, "udp-send", cmd, T).expect("udp-send runs");
+    cmd.args([
+        "udp-send",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = lab
+        .run_in_pod(from, "udp-send", cmd, T)
+        .expect("udp-send runs");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("udp-send prints JSON");
-    (v["sent"].as_u64().unwrap_or(0), v["received"].as_u64().unwrap_or(0))
+    (
+        v["sent"].as_u64().unwrap_or(0),
+        v["received"].as_u64().unwrap_or(0),
+    )
 }
 
 /// Packets counted on `ifindex` in `dir` for src -> dst over UDP.
@@ -35,7 +46,13 @@ fn counted(lab: &Lab, node: usize, ifindex: u32, dir: u8, src: IpAddr, dst: IpAd
         .read()
         .expect("read counters")
         .iter()
-        .filter(|c| c.ifindex == ifindex && c.direction == dir && c.protocol == UDP && c.src == src && c.dst == dst)
+        .filter(|c| {
+            c.ifindex == ifindex
+                && c.direction == dir
+                && c.protocol == UDP
+                && c.src == src
+                && c.dst == dst
+        })
         .map(|c| c.packets)
         .sum()
 }
@@ -71,7 +88,11 @@ fn cross_node_counts(routing: Routing) {
     let _server = lab.spawn_in_pod(&b, "echo", echo).expect("echo on b");
 
     for v6 in [false, true] {
-        let to: SocketAddr = if v6 { (b.ipv6, 7000).into() } else { (b.ipv4, 7000).into() };
+        let to: SocketAddr = if v6 {
+            (b.ipv6, 7000).into()
+        } else {
+            (b.ipv4, 7000).into()
+        };
         // Warm up (server bind, neighbour resolution) outside the measurement.
         let mut warmed = false;
         for _ in 0..50 {
@@ -109,8 +130,16 @@ fn privileged_datapath_counts_cross_node_pod_traffic_vxlan() {
 
 fn tcp_connects(lab: &Lab, from: &Pod, to: SocketAddr, count: u32) -> u64 {
     let mut cmd = labtool();
-    cmd.args(["tcp-connect", "--to", &to.to_string(), "--count", &count.to_string()]);
-    let out = lab.run_in_pod(from, "tcp-connect", cmd, T).expect("tcp-connect runs");
+    cmd.args([
+        "tcp-connect",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = lab
+        .run_in_pod(from, "tcp-connect", cmd, T)
+        .expect("tcp-connect runs");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
     assert_eq!(v["failed"], 0, "{v}");
     v["ok"].as_u64().unwrap_or(0)
@@ -129,38 +158,83 @@ fn privileged_datapath_connect_hooks_detach_on_shutdown_and_adopt_pins() {
     lab.wait_agent_ready(2, T).expect("n2 ready");
     let mut echo = labtool();
     echo.args(["tcp-echo", "--listen", "[::]:7100"]);
-    let _server = lab.spawn_in_pod(&b, "tcp-echo", echo).expect("tcp echo on b");
-    let stat = |node: usize, index: u32| Stats::open(&lab.pin_dir(node)).expect("ml_stats").get(index).expect("read");
+    let _server = lab
+        .spawn_in_pod(&b, "tcp-echo", echo)
+        .expect("tcp echo on b");
+    let stat = |node: usize, index: u32| {
+        Stats::open(&lab.pin_dir(node))
+            .expect("ml_stats")
+            .get(index)
+            .expect("read")
+    };
     // Wait for the server; these connects count too, so measure after.
     for _ in 0..100 {
         let mut cmd = labtool();
-        cmd.args(["tcp-connect", "--to", &format!("{}:7100", b.ipv4), "--count", "1"]);
+        cmd.args([
+            "tcp-connect",
+            "--to",
+            &format!("{}:7100", b.ipv4),
+            "--count",
+            "1",
+        ]);
         let out = lab.run_in_pod(&a, "probe", cmd, T).expect("probe");
         if out.contains("\"ok\":1") {
             break;
         }
     }
-    let (c4, c6, remote4) = (stat(1, stat::CONNECT4), stat(1, stat::CONNECT6), stat(2, stat::CONNECT4));
+    let (c4, c6, remote4) = (
+        stat(1, stat::CONNECT4),
+        stat(1, stat::CONNECT6),
+        stat(2, stat::CONNECT4),
+    );
     assert_eq!(tcp_connects(&lab, &a, (b.ipv4, 7100).into(), 25), 25);
     assert_eq!(tcp_connects(&lab, &a, (b.ipv6, 7100).into(), 7), 7);
-    assert_eq!(stat(1, stat::CONNECT4) - c4, 25, "one connect4 per IPv4 connection from n1's pod");
-    assert_eq!(stat(1, stat::CONNECT6) - c6, 7, "one connect6 per IPv6 connection");
-    assert_eq!(stat(2, stat::CONNECT4), remote4, "n2's pods made no connections");
+    assert_eq!(
+        stat(1, stat::CONNECT4) - c4,
+        25,
+        "one connect4 per IPv4 connection from n1's pod"
+    );
+    assert_eq!(
+        stat(1, stat::CONNECT6) - c6,
+        7,
+        "one connect6 per IPv6 connection"
+    );
+    assert_eq!(
+        stat(2, stat::CONNECT4),
+        remote4,
+        "n2's pods made no connections"
+    );
 
     // Graceful shutdown detaches everything but keeps the pinned maps.
     let status = agent1.stop(Duration::from_secs(10)).expect("agent stops");
-    assert!(status.success(), "agent exit: {status}; log:\n{}", agent1.log());
+    assert!(
+        status.success(),
+        "agent exit: {status}; log:\n{}",
+        agent1.log()
+    );
     assert!(agent1.log().contains("detached"), "log:\n{}", agent1.log());
     let frozen = stat(1, stat::CONNECT4);
     let frozen_pkts = stat(1, stat::TC_PACKETS);
-    assert_eq!(tcp_connects(&lab, &a, (b.ipv4, 7100).into(), 10), 10, "traffic flows without an agent");
+    assert_eq!(
+        tcp_connects(&lab, &a, (b.ipv4, 7100).into(), 10),
+        10,
+        "traffic flows without an agent"
+    );
     assert_eq!(stat(1, stat::CONNECT4), frozen, "connect hook detached");
-    assert_eq!(stat(1, stat::TC_PACKETS), frozen_pkts, "TC programs detached");
+    assert_eq!(
+        stat(1, stat::TC_PACKETS),
+        frozen_pkts,
+        "TC programs detached"
+    );
 
     // A new agent adopts the pinned maps: counts continue, not restart.
     let _agent1b = lab.start_agent(1, &agent()).expect("agent n1 again");
     lab.wait_agent_ready(1, T).expect("n1 ready again");
-    assert_eq!(stat(1, stat::CONNECT4), frozen, "adopted map keeps its values");
+    assert_eq!(
+        stat(1, stat::CONNECT4),
+        frozen,
+        "adopted map keeps its values"
+    );
     assert_eq!(tcp_connects(&lab, &a, (b.ipv4, 7100).into(), 5), 5);
     assert_eq!(stat(1, stat::CONNECT4), frozen + 5, "hooks attached again");
 }

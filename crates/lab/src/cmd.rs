@@ -61,10 +61,12 @@ pub(crate) fn ip_batch(netns: &str, lines: &[String]) -> Result<(), LabError> {
         })?;
     let script = lines.join("\n") + "\n";
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(|e| LabError::Command {
-            command: format!("ip -n {netns} -batch -"),
-            stderr: e.to_string(),
-        })?;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| LabError::Command {
+                command: format!("ip -n {netns} -batch -"),
+                stderr: e.to_string(),
+            })?;
     }
     let out = child.wait_with_output().map_err(|e| LabError::Command {
         command: format!("ip -n {netns} -batch -"),
@@ -74,7 +76,10 @@ pub(crate) fn ip_batch(netns: &str, lines: &[String]) -> Result<(), LabError> {
         Ok(())
     } else {
         Err(LabError::Command {
-            command: format!("ip -n {netns} -batch - <<{}", script.trim_end().replace('\n', "; ")),
+            command: format!(
+                "ip -n {netns} -batch - <<{}",
+                script.trim_end().replace('\n', "; ")
+            ),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }

@@ -5,14 +5,22 @@ use std::path::PathBuf;
 pub enum LabError {
     #[error("invalid lab name {name:?}: {why}")]
     InvalidName { name: String, why: &'static str },
-    #[error("invalid pod name {name:?}: use 1-30 lowercase letters, digits and '-', starting and ending alphanumeric")]
+    #[error(
+        "invalid pod name {name:?}: use 1-30 lowercase letters, digits and '-', starting and ending alphanumeric"
+    )]
     InvalidPodName { name: String },
-    #[error("a lab named {name:?} already exists ({found}); pick another name or run `cargo xtask lab down --name {name}`")]
+    #[error(
+        "a lab named {name:?} already exists ({found}); pick another name or run `cargo xtask lab down --name {name}`"
+    )]
     NameTaken { name: String, found: String },
     #[error("invalid lab spec: {0}")]
     Spec(String),
     #[error("no node {index} in lab {lab} (it has {nodes})")]
-    NoSuchNode { lab: String, index: usize, nodes: usize },
+    NoSuchNode {
+        lab: String,
+        index: usize,
+        nodes: usize,
+    },
     #[error("pod {pod:?} already exists in lab {lab}")]
     PodExists { lab: String, pod: String },
     #[error("`{command}` failed: {stderr}")]
@@ -33,7 +41,10 @@ pub enum LabError {
 }
 
 impl LabError {
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { what, path, source }
     }

@@ -34,7 +34,9 @@ impl std::str::FromStr for Routing {
         match s {
             "direct" => Ok(Self::Direct),
             "vxlan" => Ok(Self::Vxlan),
-            other => Err(LabError::Spec(format!("routing {other:?}: use direct or vxlan"))),
+            other => Err(LabError::Spec(format!(
+                "routing {other:?}: use direct or vxlan"
+            ))),
         }
     }
 }
@@ -237,14 +239,30 @@ impl Lab {
             ("net.ipv6.conf.all.accept_dad", "0"),
             ("net.ipv6.conf.default.accept_dad", "0"),
         ];
-        let hosts: Vec<Host> = self.nodes.iter().chain(std::iter::once(&self.external)).cloned().collect();
+        let hosts: Vec<Host> = self
+            .nodes
+            .iter()
+            .chain(std::iter::once(&self.external))
+            .cloned()
+            .collect();
         for host in &hosts {
             ip(None, &["netns", "add", &host.netns])?;
             sysctls(&host.netns, &dev_settings)?;
             let port = format!("f-{}", host.name);
             ip(
                 Some(&fabric),
-                &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &host.netns],
+                &[
+                    "link",
+                    "add",
+                    &port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &host.netns,
+                ],
             )?;
             ip_batch(&fabric, &[format!("link set {port} master br0 up")])?;
             ip_batch(
@@ -252,7 +270,11 @@ impl Lab {
                 &[
                     "link set lo up".into(),
                     format!("addr add {}/{} dev eth0", host.ipv4, plan::FABRIC_PREFIX_V4),
-                    format!("addr add {}/{} dev eth0 nodad", host.ipv6, plan::FABRIC_PREFIX_V6),
+                    format!(
+                        "addr add {}/{} dev eth0 nodad",
+                        host.ipv6,
+                        plan::FABRIC_PREFIX_V6
+                    ),
                     "link set eth0 up".into(),
                 ],
             )?;
@@ -269,8 +291,14 @@ impl Lab {
                     for j in (1..=n).filter(|&j| j != i) {
                         let (v4, l4) = plan::pod_cidr_v4(j);
                         let (v6, l6) = plan::pod_cidr_v6(j);
-                        lines.push(format!("route add {v4}/{l4} via {} dev eth0", plan::node_ipv4(j)));
-                        lines.push(format!("route add {v6}/{l6} via {} dev eth0", plan::node_ipv6(j)));
+                        lines.push(format!(
+                            "route add {v4}/{l4} via {} dev eth0",
+                            plan::node_ipv4(j)
+                        ));
+                        lines.push(format!(
+                            "route add {v6}/{l6} via {} dev eth0",
+                            plan::node_ipv6(j)
+                        ));
                     }
                 }
                 Routing::Vxlan => {
@@ -286,7 +314,10 @@ impl Lab {
                         plan::VXLAN_MTU
                     ));
                     lines.push(format!("addr add {}/32 dev vxlan0", plan::vtep_ipv4(i)));
-                    lines.push(format!("addr add {}/128 dev vxlan0 nodad", plan::vtep_ipv6(i)));
+                    lines.push(format!(
+                        "addr add {}/128 dev vxlan0 nodad",
+                        plan::vtep_ipv6(i)
+                    ));
                     lines.push("link set vxlan0 up".into());
                     for j in (1..=n).filter(|&j| j != i) {
                         let (v4, l4) = plan::pod_cidr_v4(j);
@@ -315,7 +346,18 @@ impl Lab {
             if self.routing == Routing::Vxlan {
                 for j in (1..=n).filter(|&j| j != i) {
                     let dst = plan::node_ipv4(j).to_string();
-                    bridge(&ns, &["fdb", "append", &plan::vtep_mac(j), "dev", "vxlan0", "dst", &dst])?;
+                    bridge(
+                        &ns,
+                        &[
+                            "fdb",
+                            "append",
+                            &plan::vtep_mac(j),
+                            "dev",
+                            "vxlan0",
+                            "dst",
+                            &dst,
+                        ],
+                    )?;
                 }
             }
         }
@@ -373,7 +415,9 @@ impl Lab {
 
     /// Where node `index`'s agent writes status.json.
     pub fn node_state_dir(&self, index: usize) -> PathBuf {
-        state::dir(&self.info.name).join("nodes").join(self.node_name(index))
+        state::dir(&self.info.name)
+            .join("nodes")
+            .join(self.node_name(index))
     }
 
     /// Where process logs go.
@@ -432,7 +476,9 @@ impl Lab {
         )?;
         ip(
             Some(&node_ns),
-            &["link", "add", &device, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns],
+            &[
+                "link", "add", &device, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
+            ],
         )?;
         ip_batch(
             &node_ns,
@@ -480,19 +526,35 @@ impl Lab {
     }
 
     /// Starts `cmd` inside a pod: its network namespace and its cgroup.
-    pub fn spawn_in_pod(&self, pod: &Pod, label: &str, cmd: Command) -> Result<LabProcess, LabError> {
+    pub fn spawn_in_pod(
+        &self,
+        pod: &Pod,
+        label: &str,
+        cmd: Command,
+    ) -> Result<LabProcess, LabError> {
         let log = self.log_dir().join(format!("{}-{label}.log", pod.name));
         crate::process::spawn(label, &pod.netns, &pod.cgroup, log, cmd)
     }
 
     /// Starts `cmd` on a node or the external host, in that host's system cgroup.
-    pub fn spawn_on_host(&self, host: &Host, label: &str, cmd: Command) -> Result<LabProcess, LabError> {
+    pub fn spawn_on_host(
+        &self,
+        host: &Host,
+        label: &str,
+        cmd: Command,
+    ) -> Result<LabProcess, LabError> {
         let log = self.log_dir().join(format!("{}-{label}.log", host.name));
         crate::process::spawn(label, &host.netns, &host.system_cgroup, log, cmd)
     }
 
     /// Runs a command in a pod to completion and returns its output.
-    pub fn run_in_pod(&self, pod: &Pod, label: &str, cmd: Command, timeout: Duration) -> Result<String, LabError> {
+    pub fn run_in_pod(
+        &self,
+        pod: &Pod,
+        label: &str,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<String, LabError> {
         self.spawn_in_pod(pod, label, cmd)?.wait_success(timeout)
     }
 
@@ -589,11 +651,16 @@ pub fn destroy(name: &str) -> Result<TeardownReport, LabError> {
         if let Err(e) = cgroup::kill_all(&cg, Duration::from_secs(10)) {
             problems.push(e.to_string());
         } else {
-            report.removed.push(format!("processes in {}", cg.display()));
+            report
+                .removed
+                .push(format!("processes in {}", cg.display()));
         }
     }
     // Pods first, then nodes, then the fabric, so veth peers go with them.
-    let mut namespaces: Vec<String> = list_netns().into_iter().filter(|n| plan::is_netns_of(name, n)).collect();
+    let mut namespaces: Vec<String> = list_netns()
+        .into_iter()
+        .filter(|n| plan::is_netns_of(name, n))
+        .collect();
     namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in namespaces {
         match ip(None, &["netns", "del", &ns]) {

@@ -53,7 +53,13 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
     let dir = exe
         .parent()
-        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
         .expect("test executable has a parent directory");
     let path = dir.join(name);
     assert!(
@@ -70,7 +76,11 @@ pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id() % 100_000;
-    let mut name: String = prefix.chars().filter(char::is_ascii_alphanumeric).take(4).collect();
+    let mut name: String = prefix
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(4)
+        .collect();
     name.push_str(&format!("{pid}{n}"));
     name.make_ascii_lowercase();
     name.truncate(plan::MAX_LAB_NAME);

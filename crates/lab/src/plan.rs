@@ -48,7 +48,10 @@ pub fn validate_lab_name(name: &str) -> Result<(), LabError> {
         Some("must not be empty")
     } else if name.len() > MAX_LAB_NAME {
         Some("must be at most 12 characters")
-    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
         Some("use only lowercase letters and digits")
     } else {
         None
@@ -66,7 +69,9 @@ pub fn validate_lab_name(name: &str) -> Result<(), LabError> {
 pub fn validate_pod_name(name: &str) -> Result<(), LabError> {
     let ok = !name.is_empty()
         && name.len() <= 30
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -130,7 +135,16 @@ pub fn node_ipv4(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + node_octet(index))
 }
 pub fn node_ipv6(index: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, 0x10 + u16::from(node_octet(index)))
+    Ipv6Addr::new(
+        0xfd00,
+        0xa,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x10 + u16::from(node_octet(index)),
+    )
 }
 pub const EXTERNAL_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
 pub const EXTERNAL_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, 0x250);
@@ -153,7 +167,10 @@ pub fn pod_cidr_v4(index: usize) -> (Ipv4Addr, u8) {
     (Ipv4Addr::new(198, 18, 16 + node_octet(index), 0), 24)
 }
 pub fn pod_cidr_v6(index: usize) -> (Ipv6Addr, u8) {
-    (Ipv6Addr::new(0xfd00, 0xb, u16::from(node_octet(index)), 0, 0, 0, 0, 0), 64)
+    (
+        Ipv6Addr::new(0xfd00, 0xb, u16::from(node_octet(index)), 0, 0, 0, 0, 0),
+        64,
+    )
 }
 /// The node's address on its pod network, the pods' gateway.
 pub fn router_ipv4(index: usize) -> Ipv4Addr {
@@ -172,7 +189,16 @@ pub fn pod_ipv4(index: usize, slot: usize) -> Ipv4Addr {
 }
 pub fn pod_ipv6(index: usize, slot: usize) -> Ipv6Addr {
     let slot = u16::try_from(slot).expect("slot bounded by MAX_PODS_PER_NODE");
-    Ipv6Addr::new(0xfd00, 0xb, u16::from(node_octet(index)), 0, 0, 0, 0, 0x10 + slot)
+    Ipv6Addr::new(
+        0xfd00,
+        0xb,
+        u16::from(node_octet(index)),
+        0,
+        0,
+        0,
+        0,
+        0x10 + slot,
+    )
 }
 
 #[cfg(test)]
@@ -184,7 +210,10 @@ mod tests {
         assert!(validate_lab_name("demo").is_ok());
         assert!(validate_lab_name("t12345").is_ok());
         for bad in ["", "a-b", "Demo", "abcdefghijklm", "a_b"] {
-            assert!(validate_lab_name(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                validate_lab_name(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -193,7 +222,10 @@ mod tests {
         assert!(validate_pod_name("client").is_ok());
         assert!(validate_pod_name("web-1").is_ok());
         for bad in ["", "-a", "a-", "A", "a.b", &"x".repeat(31)] {
-            assert!(validate_pod_name(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                validate_pod_name(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -223,8 +255,12 @@ mod tests {
         let v4_lab = |a: Ipv4Addr| a.octets()[0] == 198 && (a.octets()[1] & 0xfe) == 18;
         let v6_lab = |a: Ipv6Addr| a.octets()[0] == 0xfd;
         for node in 1..=MAX_NODES {
-            assert!(v4_lab(node_ipv4(node)) && v4_lab(vtep_ipv4(node)) && v4_lab(router_ipv4(node)));
-            assert!(v6_lab(node_ipv6(node)) && v6_lab(vtep_ipv6(node)) && v6_lab(router_ipv6(node)));
+            assert!(
+                v4_lab(node_ipv4(node)) && v4_lab(vtep_ipv4(node)) && v4_lab(router_ipv4(node))
+            );
+            assert!(
+                v6_lab(node_ipv6(node)) && v6_lab(vtep_ipv6(node)) && v6_lab(router_ipv6(node))
+            );
             for slot in [0, MAX_PODS_PER_NODE - 1] {
                 assert!(v4_lab(pod_ipv4(node, slot)), "{}", pod_ipv4(node, slot));
                 assert!(v6_lab(pod_ipv6(node, slot)));

@@ -55,14 +55,37 @@ pub(crate) fn spawn(
         std::fs::create_dir_all(parent).map_err(LabError::io("creating", parent))?;
     }
     let out = File::create(&log).map_err(LabError::io("creating log", &log))?;
-    let err = out.try_clone().map_err(LabError::io("creating log", &log))?;
+    let err = out
+        .try_clone()
+        .map_err(LabError::io("creating log", &log))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     let ns_fd = ns.as_raw_fd();
     let procs_fd = procs.as_raw_fd();
+    join_before_exec(&mut cmd, ns_fd, procs_fd);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let child = cmd.spawn().map_err(|e| LabError::Command {
+        command: program,
+        stderr: format!("could not start in {netns}: {e}"),
+    })?;
+    drop((ns, procs));
+    Ok(LabProcess {
+        pid: child.id(),
+        child: Some(child),
+        label: label.to_owned(),
+        log,
+    })
+}
+
+/// Makes the child join the cgroup (`procs_fd` = its cgroup.procs) and the
+/// network namespace (`ns_fd`) between fork and exec.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec is unsafe: the closure runs between fork and exec"
+)]
+fn join_before_exec(cmd: &mut Command, ns_fd: std::os::fd::RawFd, procs_fd: std::os::fd::RawFd) {
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe calls (getpid, write, setns) on descriptors opened
-    // above, which stay open until `spawn` returns; it allocates nothing.
-    #[allow(unsafe_code, reason = "joining a cgroup and a netns between fork and exec")]
+    // async-signal-safe calls (getpid, write, setns) on descriptors that the
+    // caller keeps open until the child has been spawned; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             let mut buf = [0u8; 10];
@@ -77,18 +100,6 @@ pub(crate) fn spawn(
             Ok(())
         });
     }
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let child = cmd.spawn().map_err(|e| LabError::Command {
-        command: program,
-        stderr: format!("could not start in {netns}: {e}"),
-    })?;
-    drop((ns, procs));
-    Ok(LabProcess {
-        pid: child.id(),
-        child: Some(child),
-        label: label.to_owned(),
-        log,
-    })
 }
 
 impl LabProcess {

@@ -16,12 +16,19 @@ fn labtool() -> Command {
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 fn root_links() -> Vec<String> {
-    let out = Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    let out = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
     let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_owned()))
@@ -41,7 +48,10 @@ fn assert_nothing_left(name: &str, links_before: &[String]) {
         })
         .unwrap_or_default();
     assert!(netns.is_empty(), "netns left behind: {netns:?}");
-    for cg in ["/sys/fs/cgroup/unified/meshless-lab", "/sys/fs/cgroup/meshless-lab"] {
+    for cg in [
+        "/sys/fs/cgroup/unified/meshless-lab",
+        "/sys/fs/cgroup/meshless-lab",
+    ] {
         let p = std::path::Path::new(cg).join(name);
         assert!(!p.exists(), "cgroup left behind: {}", p.display());
     }
@@ -49,13 +59,25 @@ fn assert_nothing_left(name: &str, links_before: &[String]) {
     assert!(!pins.exists(), "bpffs pins left behind: {}", pins.display());
     let state = std::path::Path::new("/run/meshless-lab").join(name);
     assert!(!state.exists(), "state left behind: {}", state.display());
-    assert_eq!(root_links(), links_before, "links in the root namespace changed");
+    assert_eq!(
+        root_links(),
+        links_before,
+        "links in the root namespace changed"
+    );
 }
 
 fn udp_roundtrip(lab: &Lab, from: &Pod, to: std::net::SocketAddr, count: u32) -> serde_json::Value {
     let mut cmd = labtool();
-    cmd.args(["udp-send", "--to", &to.to_string(), "--count", &count.to_string()]);
-    let out = lab.run_in_pod(from, "udp-send", cmd, T).expect("udp-send runs");
+    cmd.args([
+        "udp-send",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = lab
+        .run_in_pod(from, "udp-send", cmd, T)
+        .expect("udp-send runs");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("udp-send printed {out:?}: {e}"))
 }
 
@@ -81,20 +103,35 @@ fn connectivity(routing: Routing) {
     }
     assert_eq!(warm["received"], 1, "a -> b never answered ({routing:?})");
     for (to, what) in [
-        (std::net::SocketAddr::from((b.ipv4, 7000)), "cross-node IPv4"),
+        (
+            std::net::SocketAddr::from((b.ipv4, 7000)),
+            "cross-node IPv4",
+        ),
         ((b.ipv6, 7000).into(), "cross-node IPv6"),
         ((c.ipv4, 7000).into(), "same-node IPv4"),
         ((c.ipv6, 7000).into(), "same-node IPv6"),
     ] {
         let r = udp_roundtrip(&lab, &a, to, 20);
-        assert_eq!((r["sent"].as_u64(), r["received"].as_u64()), (Some(20), Some(20)), "{what} via {routing:?}: {r}");
+        assert_eq!(
+            (r["sent"].as_u64(), r["received"].as_u64()),
+            (Some(20), Some(20)),
+            "{what} via {routing:?}: {r}"
+        );
     }
     // The external host reaches node addresses on the fabric, not pods.
     let mut echo = labtool();
     echo.args(["udp-echo", "--listen", "[::]:7001"]);
-    let _node_echo = lab.spawn_on_host(lab.node(2), "echo", echo).expect("echo on n2");
+    let _node_echo = lab
+        .spawn_on_host(lab.node(2), "echo", echo)
+        .expect("echo on n2");
     let mut send = labtool();
-    send.args(["udp-send", "--to", &format!("{}:7001", lab.node(2).ipv4), "--count", "5"]);
+    send.args([
+        "udp-send",
+        "--to",
+        &format!("{}:7001", lab.node(2).ipv4),
+        "--count",
+        "5",
+    ]);
     let mut ok = false;
     for _ in 0..50 {
         let out = lab
@@ -135,9 +172,21 @@ fn privileged_lab_name_taken_is_an_error_and_creates_nothing() {
     let netns_before = std::fs::read_dir("/run/netns").expect("netns").count();
     let err = Lab::create(LabSpec::new(&name).nodes(3)).expect_err("second lab with the same name");
     assert!(matches!(err, LabError::NameTaken { .. }), "{err}");
-    assert!(err.to_string().contains("lab down"), "error says how to fix it: {err}");
-    assert_eq!(std::fs::read_dir("/run/netns").expect("netns").count(), netns_before, "nothing created");
-    assert!(lab.nodes().len() == 2 && std::path::Path::new("/run/netns").join(&lab.node(1).netns).exists());
+    assert!(
+        err.to_string().contains("lab down"),
+        "error says how to fix it: {err}"
+    );
+    assert_eq!(
+        std::fs::read_dir("/run/netns").expect("netns").count(),
+        netns_before,
+        "nothing created"
+    );
+    assert!(
+        lab.nodes().len() == 2
+            && std::path::Path::new("/run/netns")
+                .join(&lab.node(1).netns)
+                .exists()
+    );
     let bad = Lab::create(LabSpec::new("Bad-Name")).expect_err("invalid name");
     assert!(matches!(bad, LabError::InvalidName { .. }), "{bad}");
 }
@@ -195,18 +244,33 @@ fn privileged_lab_of_a_killed_owner_is_removed_by_destroy() {
         .spawn()
         .expect("hold-lab");
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().expect("stdout")), &mut line)
-        .expect("read ready line");
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read ready line");
     assert!(line.starts_with("ready "), "hold-lab said {line:?}");
     let server_pid: u32 = line["ready ".len()..].trim().parse().expect("pid");
     holder.kill().expect("SIGKILL the owner");
     holder.wait().expect("reap");
     let listed = meshless_lab::list();
-    let info = listed.iter().find(|l| l.name == name).expect("crashed lab is listed");
-    assert!(info.is_stale(), "owner is dead, so the lab is stale: {info:?}");
-    assert!(alive(server_pid), "the pod's process outlived its owner (as after a real crash)");
+    let info = listed
+        .iter()
+        .find(|l| l.name == name)
+        .expect("crashed lab is listed");
+    assert!(
+        info.is_stale(),
+        "owner is dead, so the lab is stale: {info:?}"
+    );
+    assert!(
+        alive(server_pid),
+        "the pod's process outlived its owner (as after a real crash)"
+    );
     let report = meshless_lab::destroy(&name).expect("destroy a crashed lab");
-    assert!(report.removed.iter().any(|r| r.starts_with("netns")), "{report:?}");
+    assert!(
+        report.removed.iter().any(|r| r.starts_with("netns")),
+        "{report:?}"
+    );
     assert!(!alive(server_pid), "pod process was killed");
     assert_nothing_left(&name, &before);
 }

@@ -3,7 +3,9 @@ use std::path::PathBuf;
 /// Errors from opening or reading pinned maps.
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("pinned map {path} not found: is meshless-agent running on this node (or was it ever)?")]
+    #[error(
+        "pinned map {path} not found: is meshless-agent running on this node (or was it ever)?"
+    )]
     NotPinned { path: PathBuf },
     #[error("opening pinned map {path}: {source}")]
     Open {

@@ -17,9 +17,15 @@ pub fn is_bpffs(path: &Path) -> bool {
     let mut best: Option<(usize, bool)> = None;
     for line in mounts.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(mount_point) = fields.get(4) else { continue };
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let Some(fstype) = fields.get(sep + 1) else { continue };
+        let Some(mount_point) = fields.get(4) else {
+            continue;
+        };
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let Some(fstype) = fields.get(sep + 1) else {
+            continue;
+        };
         if path.starts_with(mount_point) && best.is_none_or(|(len, _)| mount_point.len() >= len) {
             best = Some((mount_point.len(), *fstype == "bpf"));
         }

@@ -12,7 +12,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "meshless-labtool", about = "Traffic servers and clients for Meshless lab pods")]
+#[command(
+    name = "meshless-labtool",
+    about = "Traffic servers and clients for Meshless lab pods"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -71,7 +74,11 @@ fn main() -> anyhow::Result<()> {
             size,
             timeout_ms,
         } => udp_send(to, count, size, Duration::from_millis(timeout_ms)),
-        Cmd::TcpConnect { to, count, timeout_ms } => tcp_connect(to, count, Duration::from_millis(timeout_ms)),
+        Cmd::TcpConnect {
+            to,
+            count,
+            timeout_ms,
+        } => tcp_connect(to, count, Duration::from_millis(timeout_ms)),
         Cmd::HoldLab { name } => hold_lab(&name),
     }
 }
@@ -121,7 +128,8 @@ fn udp_send(to: SocketAddr, count: u32, size: usize, timeout: Duration) -> anyho
         .parse()
         .context("bind address")?;
     let sock = UdpSocket::bind(bind)?;
-    sock.connect(to).with_context(|| format!("connecting to {to}"))?;
+    sock.connect(to)
+        .with_context(|| format!("connecting to {to}"))?;
     sock.set_read_timeout(Some(timeout))?;
     let mut payload = vec![0u8; size.max(4)];
     let mut buf = vec![0u8; 65_536];
@@ -143,7 +151,10 @@ fn udp_send(to: SocketAddr, count: u32, size: usize, timeout: Duration) -> anyho
             }
         }
     }
-    println!("{}", serde_json::json!({ "sent": sent, "received": received }));
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "received": received })
+    );
     Ok(())
 }
 

@@ -1,0 +1,261 @@
+//! `cargo xtask lab up|down|status`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use meshless_lab::{Lab, LabSpec, Routing};
+
+use crate::util;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Create a lab and leave it running (agents included) until `lab down`.
+    Up {
+        /// Lab name: up to 12 lowercase letters and digits.
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Number of nodes (1-16).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// How pod traffic crosses nodes: direct or vxlan.
+        #[arg(long, default_value = "direct")]
+        routing: Routing,
+        /// Pods to create on every node (named p1, p2, ... per node: n1-p1, ...).
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// Do not start meshless-agent on the nodes.
+        #[arg(long)]
+        no_agents: bool,
+        /// Use the binaries already in target/debug (or $MESHLESS_BIN_DIR).
+        #[arg(long)]
+        skip_build: bool,
+    },
+    /// Remove a lab and everything it created (processes, netns, links,
+    /// bpffs pins, cgroups), also when its creator crashed.
+    Down {
+        /// The lab to remove.
+        #[arg(long, required_unless_present_any = ["all", "stale"])]
+        name: Option<String>,
+        /// Remove every lab on this machine.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+        /// Remove labs whose owning process has exited (crashed test runs).
+        #[arg(long, conflicts_with_all = ["name", "all"])]
+        stale: bool,
+    },
+    /// List labs with their nodes, pods, processes and agent state.
+    Status {
+        /// Only this lab.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(short, long, value_parser = ["text", "json"], default_value = "text")]
+        output: String,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.cmd {
+        Cmd::Up {
+            name,
+            nodes,
+            routing,
+            pods_per_node,
+            no_agents,
+            skip_build,
+        } => up(&name, nodes, routing, pods_per_node, no_agents, skip_build),
+        Cmd::Down { name, all, stale } => down(name.as_deref(), all, stale),
+        Cmd::Status { name, output } => status(name.as_deref(), &output),
+    }
+}
+
+fn up(
+    name: &str,
+    nodes: usize,
+    routing: Routing,
+    pods_per_node: usize,
+    no_agents: bool,
+    skip_build: bool,
+) -> anyhow::Result<()> {
+    util::require_root("cargo xtask lab up")?;
+    let start = Instant::now();
+    let bins = util::build_bins(skip_build)?;
+    let mut lab = Lab::create(LabSpec::new(name).nodes(nodes).routing(routing))?;
+    for node in 1..=nodes {
+        for p in 1..=pods_per_node {
+            lab.add_pod(node, &format!("n{node}-p{p}"))?;
+        }
+    }
+    if !no_agents {
+        for node in 1..=nodes {
+            lab.start_agent(node, &bins.join("meshless-agent"))?
+                .detach();
+        }
+        for node in 1..=nodes {
+            lab.wait_agent_ready(node, Duration::from_secs(30))?;
+        }
+    }
+    print_lab(&lab);
+    println!(
+        "lab {name} is up ({}). Remove it with: cargo xtask lab down --name {name}",
+        util::elapsed(start)
+    );
+    lab.keep();
+    Ok(())
+}
+
+fn print_lab(lab: &Lab) {
+    println!("lab {} ({} routing)", lab.name(), lab.routing().as_str());
+    println!(
+        "  {:<14} {:<22} {:<18} {:<20}",
+        "HOST", "NETNS", "IPV4", "IPV6"
+    );
+    for (i, n) in lab.nodes().iter().enumerate() {
+        println!(
+            "  {:<14} {:<22} {:<18} {:<20}",
+            lab.node_name(i + 1),
+            n.netns,
+            n.ipv4,
+            n.ipv6
+        );
+    }
+    let e = lab.external();
+    println!(
+        "  {:<14} {:<22} {:<18} {:<20}",
+        "external", e.netns, e.ipv4, e.ipv6
+    );
+    if !lab.pods().is_empty() {
+        println!(
+            "  {:<14} {:<22} {:<18} {:<20} NODE/DEVICE",
+            "POD", "NETNS", "IPV4", "IPV6"
+        );
+        for p in lab.pods() {
+            println!(
+                "  {:<14} {:<22} {:<18} {:<20} n{}/{}",
+                p.name, p.netns, p.ipv4, p.ipv6, p.node, p.host_device
+            );
+        }
+    }
+    if let Some(p) = lab.pods().first() {
+        println!(
+            "  run a command in a pod: ip netns exec {} ping -c1 {}",
+            p.netns,
+            lab.node(1).ipv4
+        );
+    }
+}
+
+fn down(name: Option<&str>, all: bool, stale: bool) -> anyhow::Result<()> {
+    util::require_root("cargo xtask lab down")?;
+    let targets: Vec<String> = match name {
+        Some(n) => vec![n.to_owned()],
+        None => meshless_lab::list()
+            .into_iter()
+            .filter(|l| all || (stale && l.is_stale()))
+            .map(|l| l.name)
+            .collect(),
+    };
+    if targets.is_empty() {
+        println!("no labs to remove");
+    }
+    let mut failed = Vec::new();
+    for t in targets {
+        match meshless_lab::destroy(&t) {
+            Ok(report) if report.removed.is_empty() => println!("lab {t}: nothing to remove"),
+            Ok(report) => println!("lab {t}: removed {}", report.removed.join(", ")),
+            Err(e) => {
+                eprintln!("lab {t}: {e}");
+                failed.push(t);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not remove lab(s) {}; see above", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn status(name: Option<&str>, output: &str) -> anyhow::Result<()> {
+    let labs: Vec<_> = meshless_lab::list()
+        .into_iter()
+        .filter(|l| name.is_none_or(|n| n == l.name))
+        .collect();
+    if let Some(n) = name
+        && labs.is_empty()
+    {
+        bail!("no lab named {n}; `cargo xtask lab status` lists them");
+    }
+    let rows: Vec<serde_json::Value> = labs
+        .iter()
+        .map(|l| {
+            let agents: Vec<serde_json::Value> = (1..=l.nodes)
+                .map(|i| {
+                    let node = meshless_lab::plan::node_name(&l.name, i);
+                    let path = std::path::Path::new(meshless_lab::plan::RUN_DIR)
+                        .join(&l.name)
+                        .join("nodes")
+                        .join(&node)
+                        .join("status.json");
+                    let devices = std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .and_then(|v| v.get("devices").and_then(|d| d.as_array()).map(Vec::len));
+                    serde_json::json!({"node": node, "agent_devices_attached": devices})
+                })
+                .collect();
+            serde_json::json!({
+                "name": l.name, "nodes": l.nodes, "routing": l.routing, "pods": l.pods.len(),
+                "owner_pid": l.owner_pid, "stale": l.is_stale(), "agents": agents,
+            })
+        })
+        .collect();
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&rows).context("json")?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no labs");
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:>5} {:<8} {:>5} {:<10} AGENTS (devices attached)",
+        "NAME", "NODES", "ROUTING", "PODS", "OWNER"
+    );
+    for (l, r) in labs.iter().zip(&rows) {
+        let owner = match (l.owner_pid, l.is_stale()) {
+            (None, _) => "kept".to_owned(),
+            (Some(_), true) => "STALE".to_owned(),
+            (Some(p), false) => format!("pid {p}"),
+        };
+        let agents: Vec<String> = r["agents"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| match x["agent_devices_attached"].as_u64() {
+                        Some(d) => format!("{}:{d}", x["node"].as_str().unwrap_or("?")),
+                        None => format!("{}:down", x["node"].as_str().unwrap_or("?")),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<14} {:>5} {:<8} {:>5} {:<10} {}",
+            l.name,
+            l.nodes,
+            l.routing,
+            l.pods.len(),
+            owner,
+            agents.join(" ")
+        );
+    }
+    if labs.iter().any(meshless_lab::LabInfo::is_stale) {
+        println!("stale labs belong to crashed runs: cargo xtask lab down --stale");
+    }
+    Ok(())
+}
