@@ -34,6 +34,7 @@ fn in_ci() -> bool {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let want = |t: &str| args.tier.is_empty() || args.tier.iter().any(|x| x == t);
+    let totals = std::cell::RefCell::new(Counts::default());
     let summary: std::cell::RefCell<Vec<(String, String)>> = std::cell::RefCell::new(Vec::new());
     if !args.skip_setup {
         if util::is_root() {
@@ -92,7 +93,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if want("unit") {
         step("unit", &mut || {
-            sh(Command::new("cargo").args(["test", "--quiet"]))
+            totals
+                .borrow_mut()
+                .add(cargo_test(Command::new("cargo").args(["test", "--quiet"]))?);
+            Ok(())
         })?;
     }
     for tier in ["privileged", "lab"] {
@@ -121,14 +125,108 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 meshless_lab::destroy(&lab.name)?;
             }
             sh(Command::new("cargo").args(["build", "--quiet", "--bins"]))?;
-            sh(Command::new("cargo")
-                .args(["test", "--quiet", "--", "--ignored", &format!("{tier}_")])
-                .env("MESHLESS_BIN_DIR", util::bin_dir()))
+            let counts = cargo_test(
+                Command::new("cargo")
+                    .args(["test", "--quiet", "--", "--ignored", &format!("{tier}_")])
+                    .env("MESHLESS_BIN_DIR", util::bin_dir()),
+            )?;
+            if counts.passed == 0 {
+                bail!("the {tier} tier ran no test: a filter or a rename is wrong");
+            }
+            totals.borrow_mut().add(counts);
+            Ok(())
         })?;
     }
     println!("\n=== summary ({} total)", util::elapsed(start));
     for (name, t) in summary.borrow().iter() {
         println!("  {name:<30} {t}");
     }
+    let t = totals.borrow();
+    println!(
+        "  ({} ignored in the unit run are the privileged and lab tiers)",
+        t.ignored
+    );
+    // The plain closing line CI reads.
+    println!("tests: {} passed, {} failed", t.passed, t.failed);
     Ok(())
+}
+
+/// Totals over cargo test's "test result:" lines.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: Self) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+
+    /// Parses `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+    fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("test result: ")?;
+        let num = |word: &str| -> u64 {
+            rest.split(';')
+                .find_map(|part| {
+                    part.trim()
+                        .trim_start_matches(|c: char| !c.is_ascii_digit())
+                        .strip_suffix(word)
+                })
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Some(Self {
+            passed: num("passed"),
+            failed: num("failed"),
+            ignored: num("ignored"),
+        })
+    }
+}
+
+/// Runs a `cargo test` command, passing its output through, and returns the
+/// totals of its test binaries. A failing run is an error.
+fn cargo_test(cmd: &mut Command) -> anyhow::Result<Counts> {
+    use std::io::BufRead as _;
+    let shown = util::show(cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .current_dir(util::root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting `{shown}`: {e}"))?;
+    let mut counts = Counts::default();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(c) = Counts::parse(&line) {
+                counts.add(c);
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "`{shown}` failed ({status}): {} passed, {} failed",
+            counts.passed,
+            counts.failed
+        );
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn parses_cargo_test_result_lines() {
+        let c = Counts::parse("test result: ok. 12 passed; 1 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s")
+            .expect("a result line");
+        assert_eq!((c.passed, c.failed, c.ignored), (12, 1, 3));
+        assert!(Counts::parse("running 3 tests").is_none());
+    }
 }
