@@ -13,12 +13,53 @@ pub mod map_names {
     pub const PACKET_COUNTERS: &str = "ml_pkt_count";
     /// Per-CPU datapath statistics indexed by [`super::stat`].
     pub const STATS: &str = "ml_stats";
+    /// Service frontends: [`super::ServiceKey`] -> [`super::ServiceValue`].
+    pub const SERVICES: &str = "ml_services";
+    /// Backend sets: [`super::SlotKey`] (set, slot) -> backend id (`u32`).
+    pub const BACKEND_SLOTS: &str = "ml_slots";
+    /// Maglev lookup tables: [`super::SlotKey`] (set, index) -> backend id (`u32`).
+    pub const MAGLEV: &str = "ml_maglev";
+    /// Backends: backend id (`u32`) -> [`super::Backend`].
+    pub const BACKENDS: &str = "ml_backends";
+    /// Session affinity (LRU): [`super::AffinityKey`] -> [`super::AffinityValue`].
+    pub const AFFINITY: &str = "ml_affinity";
+    /// Socket reverse translation (LRU): [`super::RevNatKey`] -> [`super::RevNatValue`].
+    pub const REV_NAT: &str = "ml_sock_revnat";
 }
 
 /// Default capacities. Userspace may override them at load time.
 pub mod capacity {
     /// Distinct (device, direction, family, protocol, source, destination) tuples counted.
     pub const PACKET_COUNTERS: u32 = 65_536;
+    /// Service frontends (VIP, port, protocol). kube-proxy-scale clusters
+    /// reach tens of thousands; the benchmark installs 50,000.
+    pub const SERVICES: u32 = 131_072;
+    /// Backend slots over all sets; two sets per service may coexist while
+    /// one replaces the other.
+    pub const BACKEND_SLOTS: u32 = 524_288;
+    /// Maglev entries over all Maglev services (16,381 per service by default).
+    pub const MAGLEV: u32 = 262_144;
+    /// Distinct backends (address, port).
+    pub const BACKENDS: u32 = 131_072;
+    /// Affinity entries (client x service); LRU, so the oldest are evicted.
+    pub const AFFINITY: u32 = 65_536;
+    /// Sockets whose peer address is reported as the service address; LRU.
+    pub const REV_NAT: u32 = 262_144;
+}
+
+/// Load-balancing constants shared by the compiler (crates/lb) and the datapath.
+pub mod lb {
+    /// Default Maglev table size M (prime; > 100 x backends keeps shares within ~1%).
+    pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
+    /// Most slots one backend set may have (weights are expanded into slots).
+    pub const MAX_SLOTS_PER_SET: u32 = 4_096;
+    /// [`super::ServiceValue::flags`]: pick backends with the Maglev table.
+    pub const FLAG_MAGLEV: u32 = 1 << 0;
+    /// [`super::ServiceValue::flags`]: sessionAffinity ClientIP.
+    pub const FLAG_AFFINITY: u32 = 1 << 1;
+    /// IP protocol numbers used in [`super::ServiceKey::protocol`].
+    pub const PROTO_TCP: u8 = 6;
+    pub const PROTO_UDP: u8 = 17;
 }
 
 /// Indices into the per-CPU `ml_stats` array.
@@ -35,17 +76,36 @@ pub mod stat {
     pub const CONNECT4: u32 = 4;
     /// connect() calls on IPv6 sockets seen by the cgroup hook.
     pub const CONNECT6: u32 = 5;
+    /// Connections (or datagrams) to a service translated to a backend.
+    pub const LB_TRANSLATED: u32 = 6;
+    /// Connections to a service with no ready backend, refused.
+    pub const LB_NO_BACKEND: u32 = 7;
+    /// A service pointed at a slot or backend that is missing (a bug or a
+    /// race with an update); the connection was refused.
+    pub const LB_MISSING_ENTRY: u32 = 8;
+    /// Replies whose source was translated back to the service address.
+    pub const LB_REV_TRANSLATED: u32 = 9;
+    /// Affinity hits: the client went to its remembered backend.
+    pub const LB_AFFINITY_HIT: u32 = 10;
+    /// The reverse-translation map refused an insert.
+    pub const LB_REV_NAT_FULL: u32 = 11;
     /// Number of slots in the stats array (room to grow without a map resize).
     pub const MAX: u32 = 32;
 
     /// Human-readable names, indexed like the constants above.
-    pub const NAMES: [&str; 6] = [
+    pub const NAMES: [&str; 12] = [
         "tc_packets",
         "tc_non_ip",
         "tc_truncated",
         "packet_counters_full",
         "connect4",
         "connect6",
+        "lb_translated",
+        "lb_no_backend",
+        "lb_missing_entry",
+        "lb_rev_translated",
+        "lb_affinity_hit",
+        "lb_rev_nat_full",
     ];
 }
 
@@ -94,6 +154,114 @@ pub struct PacketCount {
 }
 const _: () = assert!(size_of::<PacketCount>() == 16);
 
+/// A service frontend as the socket hooks look it up: the address and port
+/// a client connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub addr: [u8; 16],
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`lb::PROTO_TCP`] or [`lb::PROTO_UDP`].
+    pub protocol: u8,
+    /// [`family::IPV4`] or [`family::IPV6`].
+    pub family: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// What a frontend translates to. Replacing a service's backends writes a
+/// new set under a fresh `set_id` first and then this value in one update,
+/// so the datapath never sees an empty or mixed set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Which backend set (and Maglev table) is current.
+    pub set_id: u32,
+    /// Slots in the set; 0 means no ready backend: connections are refused.
+    pub slots: u32,
+    /// `lb::FLAG_*`.
+    pub flags: u32,
+    /// Maglev table size M for this service (0 unless `FLAG_MAGLEV`).
+    pub maglev_size: u32,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: u32,
+    /// Stable id of the service (for affinity keys), assigned by the agent.
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 24);
+
+/// Key of the backend-slot and Maglev maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub set_id: u32,
+    /// Slot in the set, or index into the Maglev table.
+    pub index: u32,
+}
+const _: () = assert!(size_of::<SlotKey>() == 8);
+
+/// A backend: where a connection to a service really goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub addr: [u8; 16],
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`family::IPV4`] or [`family::IPV6`].
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 20);
+
+/// Affinity key: one client (its network namespace) and one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Network-namespace cookie of the client socket: one pod, one client IP.
+    pub client: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// bpf_ktime_get_ns() of the last connection that used this entry.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+/// Reverse translation for a socket: replies from the backend are shown to
+/// the application as coming from the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub socket_cookie: u64,
+    /// Backend address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Backend port, host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<RevNatKey>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// Service address the application asked for.
+    pub addr: [u8; 16],
+    /// Service port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<RevNatValue>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are #[repr(C)], Copy, contain only integers and byte
@@ -103,4 +271,28 @@ mod user {
     // SAFETY: see above.
     #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::PacketCount {}
+    // SAFETY: #[repr(C)], Copy, integers and byte arrays only, sizes asserted.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::RevNatKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::RevNatValue {}
 }
