@@ -9,11 +9,13 @@
     reason = "BPF programs need link_section/no_mangle and raw pointers into maps"
 )]
 
+mod lb;
+
 use aya_ebpf::{
     bindings::TC_ACT_OK,
-    macros::{cgroup_sock_addr, classifier, map},
+    macros::{classifier, map},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::{SockAddrContext, TcContext},
+    programs::TcContext,
 };
 use meshless_common::{PacketCount, PacketKey, capacity, direction, family, stat};
 
@@ -28,11 +30,8 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
-/// cgroup/connect* verdict that lets the connect() proceed.
-const SOCK_ADDR_ALLOW: i32 = 1;
-
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *slot += 1 };
@@ -126,20 +125,6 @@ fn try_count(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 fn truncated() -> i32 {
     bump(stat::TC_TRUNCATED);
     TC_ACT_OK
-}
-
-/// Sees every IPv4 connect() from the node's pods; service translation lands here.
-#[cgroup_sock_addr(connect4)]
-pub fn sock_connect4(_ctx: SockAddrContext) -> i32 {
-    bump(stat::CONNECT4);
-    SOCK_ADDR_ALLOW
-}
-
-/// Sees every IPv6 connect() from the node's pods.
-#[cgroup_sock_addr(connect6)]
-pub fn sock_connect6(_ctx: SockAddrContext) -> i32 {
-    bump(stat::CONNECT6);
-    SOCK_ADDR_ALLOW
 }
 
 #[cfg(not(test))]

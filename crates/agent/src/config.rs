@@ -37,9 +37,65 @@ pub struct Config {
     /// lab and by tests to know when the datapath covers a pod.
     #[arg(long, env = "MESHLESS_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// On SIGTERM/SIGINT, detach every program (remove the link pins) instead
+    /// of leaving the datapath to the next agent. For uninstalling a node;
+    /// never for upgrades, where it would drop service translation until the
+    /// new agent is up.
+    #[arg(long, env = "MESHLESS_DETACH_ON_EXIT")]
+    pub detach_on_exit: bool,
+
+    /// Read Services and EndpointSlices from the Kubernetes manifests
+    /// (*.yaml, *.yml, *.json; multi-document) in this directory, and follow
+    /// changes to it. Without it, no services are load balanced yet (the
+    /// Kubernetes API source is not built).
+    #[arg(long, env = "MESHLESS_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+
+    /// This node's addresses, for NodePort frontends (repeat or comma-separate).
+    #[arg(long = "node-ip", env = "MESHLESS_NODE_IPS", value_delimiter = ',')]
+    pub node_ips: Vec<std::net::IpAddr>,
+
+    /// This node's zone (topology.kubernetes.io/zone), for PreferClose.
+    #[arg(long, env = "MESHLESS_ZONE")]
+    pub zone: Option<String>,
+
+    /// Backend selection for services without a meshless.dev/lb-algorithm
+    /// annotation: random (like kube-proxy) or maglev (consistent hashing).
+    #[arg(long, env = "MESHLESS_LB_ALGORITHM", default_value = "random", value_parser = ["random", "maglev"])]
+    pub lb_algorithm: String,
+
+    /// Maglev table size M for services that do not set
+    /// meshless.dev/maglev-table-size; must be prime, and > 100 x backends
+    /// keeps each backend's share within about 1%.
+    #[arg(long, env = "MESHLESS_MAGLEV_TABLE_SIZE", default_value_t = meshless_common::lb::MAGLEV_DEFAULT_SIZE)]
+    pub maglev_table_size: u32,
 }
 
 impl Config {
+    /// Checks what clap cannot: values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if !meshless_lb::is_prime(self.maglev_table_size) {
+            return Err(format!(
+                "--maglev-table-size {} is not prime; use a prime such as 16381 (the default) or 65521",
+                self.maglev_table_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compile options derived from the flags.
+    pub fn lb_options(&self) -> meshless_lb::CompileOptions {
+        meshless_lb::CompileOptions {
+            default_algorithm: if self.lb_algorithm == "maglev" {
+                meshless_lb::Algorithm::Maglev
+            } else {
+                meshless_lb::Algorithm::Random
+            },
+            default_maglev_size: self.maglev_table_size,
+        }
+    }
+
     /// `<bpffs-root>/<node>`.
     pub fn pin_dir(&self) -> PathBuf {
         meshless_maps::node_pin_dir(&self.bpffs_root, &self.node)
@@ -65,6 +121,34 @@ mod tests {
         assert_eq!(c.pin_dir(), std::path::Path::new("/sys/fs/bpf/meshless/n1"));
         assert_eq!(c.pod_device_prefix, "ml");
         assert_eq!(c.rescan_interval_ms, 200);
+    }
+
+    #[test]
+    fn maglev_size_must_be_prime() {
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--maglev-table-size",
+            "16000",
+        ])
+        .expect("parses");
+        let err = c.validate().expect_err("16000 is not prime");
+        assert!(err.contains("not prime") && err.contains("16381"), "{err}");
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--node-ip",
+            "198.18.0.11,fd00:a::11",
+        ])
+        .expect("parses");
+        assert!(c.validate().is_ok());
+        assert_eq!(c.node_ips.len(), 2);
     }
 
     #[test]

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
@@ -16,8 +18,18 @@ static DATAPATH_OBJECT: &[u8] =
 
 const PROG_POD_FROM: &str = "pod_from";
 const PROG_POD_TO: &str = "pod_to";
-const PROG_CONNECT4: &str = "sock_connect4";
-const PROG_CONNECT6: &str = "sock_connect6";
+/// Socket hooks on the node's cgroup: service translation at connect() and
+/// sendmsg(), the service address shown again at recvmsg() and getpeername().
+const SOCK_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_connect6",
+    "sock_sendmsg4",
+    "sock_sendmsg6",
+    "sock_recvmsg4",
+    "sock_recvmsg6",
+    "sock_getpeername4",
+    "sock_getpeername6",
+];
 
 /// Errors that stop the datapath from coming up. Each says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +61,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {reason}")]
+    Link { what: String, reason: String },
     #[error("the object has no program named {0}; the agent and bpf/datapath are out of step")]
     MissingProgram(&'static str),
 }
@@ -63,21 +77,39 @@ fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -
 #[derive(Debug)]
 struct DeviceLinks {
     ifindex: u32,
-    from: aya::programs::tc::SchedClassifierLinkId,
-    to: aya::programs::tc::SchedClassifierLinkId,
+    pins: [PathBuf; 2],
 }
 
 /// The loaded datapath of one node.
+///
+/// Every attachment is a bpf_link pinned under `<pin_dir>/links/`, so the
+/// hooks stay in the kernel when the agent exits or is killed: connections
+/// keep flowing and new ones keep being balanced from the pinned maps. The
+/// next agent takes the links over (TC programs are replaced atomically in
+/// their link; socket hooks are attached anew before the old link is
+/// released). Only `--detach-on-exit` (or removing the pins) takes the
+/// datapath out.
 #[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,
     config: Config,
     devices: BTreeMap<String, DeviceLinks>,
-    cgroup_links: Vec<(
-        &'static str,
-        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-    )>,
+    sock_pins: Vec<(&'static str, PathBuf)>,
     loaded_at_unix: u64,
+}
+
+fn link_err(what: String) -> impl FnOnce(aya::programs::links::LinkError) -> DatapathError {
+    move |e| DatapathError::Link {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn pin_err(what: String) -> impl FnOnce(aya::pin::PinError) -> DatapathError {
+    move |e| DatapathError::Link {
+        what,
+        reason: e.to_string(),
+    }
 }
 
 impl Datapath {
@@ -90,8 +122,9 @@ impl Datapath {
             });
         }
         let pin_dir = config.pin_dir();
-        std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.clone(),
+        let links = pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir {
+            path: links.clone(),
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
@@ -106,7 +139,7 @@ impl Datapath {
                 .map_err(program_err(name))?;
             prog.load().map_err(program_err(name))?;
         }
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
@@ -119,21 +152,29 @@ impl Datapath {
             ebpf,
             config: config.clone(),
             devices: BTreeMap::new(),
-            cgroup_links: Vec::new(),
+            sock_pins: Vec::new(),
             loaded_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         })
     }
 
-    /// Attaches the connect hooks to the node's cgroup (and so to every pod
-    /// cgroup below it).
+    fn links_dir(&self) -> PathBuf {
+        self.config.pin_dir().join("links")
+    }
+
+    /// Attaches the socket hooks to the node's cgroup (and so to every pod
+    /// cgroup below it). A link left by a previous agent is released only
+    /// after the new one is in place, so no connect() goes untranslated.
     pub fn attach_cgroup(&mut self) -> Result<(), DatapathError> {
         let cgroup = File::open(&self.config.cgroup).map_err(|source| DatapathError::Cgroup {
             path: self.config.cgroup.clone(),
             source,
         })?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let links = self.links_dir();
+        for name in SOCK_PROGRAMS {
+            let path = links.join(name);
+            let old = PinnedLink::from_pin(&path).ok();
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -143,10 +184,22 @@ impl Datapath {
             // With bpf_link (every kernel we support) the kernel always allows
             // other programs beside ours and rejects explicit multi flags, so
             // the mode stays at its default.
-            let link = prog
+            let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_err(name))?;
-            self.cgroup_links.push((name, link));
+            let link = prog.take_link(id).map_err(program_err(name))?;
+            let fd: FdLink = link.try_into().map_err(link_err(format!("{name} link")))?;
+            if let Some(old) = old {
+                let _ignored = std::fs::remove_file(&path);
+                drop(old);
+                tracing::info!(
+                    program = name,
+                    "took over the socket hook of a previous agent"
+                );
+            }
+            fd.pin(&path)
+                .map_err(pin_err(format!("pinning {}", path.display())))?;
+            self.sock_pins.push((name, path));
         }
         tracing::info!(cgroup = %self.config.cgroup.display(), "socket hooks attached");
         Ok(())
@@ -177,24 +230,44 @@ impl Datapath {
             .collect();
         for name in gone {
             if let Some(links) = self.devices.remove(&name) {
-                // The device (or its ifindex) is gone, so the kernel already
-                // dropped the attachment; release our handles quietly.
-                self.release_device(&name, links);
+                for pin in &links.pins {
+                    let _ignored = std::fs::remove_file(pin);
+                }
                 tracing::info!(device = %name, "pod device removed");
             }
         }
+        self.remove_stale_device_pins(&present);
         for (name, ifindex) in present {
             if self.devices.contains_key(&name) {
                 continue;
             }
-            match self.attach_device(&name) {
-                Ok((from, to)) => {
+            match self.attach_device(&name, ifindex) {
+                Ok(pins) => {
                     tracing::info!(device = %name, ifindex, "pod device attached");
-                    self.devices.insert(name, DeviceLinks { ifindex, from, to });
+                    self.devices.insert(name, DeviceLinks { ifindex, pins });
                 }
                 Err(err) => {
                     tracing::warn!(device = %name, error = %err, "attaching pod device; will retry")
                 }
+            }
+        }
+    }
+
+    /// Pins of devices that no longer exist (removed while no agent ran).
+    fn remove_stale_device_pins(&self, present: &BTreeMap<String, u32>) {
+        let Ok(rd) = std::fs::read_dir(self.links_dir()) else {
+            return;
+        };
+        for e in rd.filter_map(Result::ok) {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix("tc_") else {
+                continue;
+            };
+            let keep = present
+                .iter()
+                .any(|(name, ifindex)| rest.starts_with(&format!("{name}_{ifindex}_")));
+            if !keep {
+                let _ignored = std::fs::remove_file(e.path());
             }
         }
     }
@@ -207,71 +280,70 @@ impl Datapath {
             .map_err(program_err(name))
     }
 
-    fn attach_device(
-        &mut self,
-        device: &str,
-    ) -> Result<
-        (
-            aya::programs::tc::SchedClassifierLinkId,
-            aya::programs::tc::SchedClassifierLinkId,
-        ),
-        DatapathError,
-    > {
-        let from = self
-            .classifier(PROG_POD_FROM)?
-            .attach(device, TcAttachType::Ingress)
-            .map_err(program_err(PROG_POD_FROM))?;
-        match self
-            .classifier(PROG_POD_TO)?
-            .attach(device, TcAttachType::Egress)
-            .map_err(program_err(PROG_POD_TO))
-        {
-            Ok(to) => Ok((from, to)),
-            Err(err) => {
-                // Nothing half-attached: undo the ingress side.
-                if let Ok(prog) = self.classifier(PROG_POD_FROM) {
-                    let _ignored = prog.detach(from);
+    /// Attaches (or takes over, atomically) both TC links of one device.
+    fn attach_device(&mut self, device: &str, ifindex: u32) -> Result<[PathBuf; 2], DatapathError> {
+        let links = self.links_dir();
+        let mut pins = Vec::new();
+        for (prog, dir, tag) in [
+            (PROG_POD_FROM, TcAttachType::Ingress, "from"),
+            (PROG_POD_TO, TcAttachType::Egress, "to"),
+        ] {
+            let path = links.join(format!("tc_{device}_{ifindex}_{tag}"));
+            let result = match PinnedLink::from_pin(&path) {
+                Ok(old) => {
+                    // A previous agent's link: swap our program into it.
+                    let fd: FdLink = old.into();
+                    SchedClassifierLink::try_from(fd)
+                        .map_err(link_err(format!("{} link", path.display())))
+                        .and_then(|link| {
+                            self.classifier(prog)?
+                                .attach_to_link(link)
+                                .map(drop)
+                                .map_err(program_err(prog))
+                        })
                 }
-                Err(err)
+                Err(_) => self.classifier(prog).and_then(|p| {
+                    let id = p.attach(device, dir).map_err(program_err(prog))?;
+                    let link = p.take_link(id).map_err(program_err(prog))?;
+                    let fd: FdLink = link.try_into().map_err(link_err(format!("{prog} link")))?;
+                    fd.pin(&path)
+                        .map(drop)
+                        .map_err(pin_err(format!("pinning {}", path.display())))
+                }),
+            };
+            if let Err(e) = result {
+                // Nothing half-attached: drop what this call pinned.
+                for p in &pins {
+                    let _ignored = std::fs::remove_file(p);
+                }
+                return Err(e);
             }
+            pins.push(path);
         }
+        let [from, to]: [PathBuf; 2] = pins
+            .try_into()
+            .map_err(|_| DatapathError::MissingProgram(PROG_POD_TO))?;
+        Ok([from, to])
     }
 
-    fn release_device(&mut self, name: &str, links: DeviceLinks) -> usize {
-        let mut detached = 0;
-        for (prog, link) in [(PROG_POD_FROM, links.from), (PROG_POD_TO, links.to)] {
-            match self.classifier(prog).map(|p| p.detach(link)) {
-                Ok(Ok(())) => detached += 1,
-                Ok(Err(err)) => {
-                    tracing::debug!(device = %name, program = prog, error = %err, "detach")
-                }
-                Err(err) => tracing::debug!(device = %name, program = prog, error = %err, "detach"),
-            }
-        }
-        detached
-    }
-
-    /// Detaches every program this agent attached; returns how many links it
-    /// released. Pinned maps stay, so the next agent adopts their state.
+    /// Takes the whole datapath out: removes every link pin, so the kernel
+    /// detaches each program once this agent lets go. Maps stay pinned.
+    /// Returns how many links were released.
     pub fn detach_all(&mut self) -> usize {
         let mut detached = 0;
-        let devices = std::mem::take(&mut self.devices);
-        for (name, links) in devices {
-            detached += self.release_device(&name, links);
-        }
-        for (name, link) in std::mem::take(&mut self.cgroup_links) {
-            let result = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))
-                .and_then(|p| <&mut CgroupSockAddr>::try_from(p).map_err(program_err(name)))
-                .map(|p| p.detach(link));
-            match result {
-                Ok(Ok(())) => detached += 1,
-                Ok(Err(err)) => {
-                    tracing::warn!(program = name, error = %err, "detaching socket hook")
-                }
-                Err(err) => tracing::warn!(program = name, error = %err, "detaching socket hook"),
+        let pins: Vec<PathBuf> = std::mem::take(&mut self.devices)
+            .into_values()
+            .flat_map(|d| d.pins)
+            .chain(
+                std::mem::take(&mut self.sock_pins)
+                    .into_iter()
+                    .map(|(_, p)| p),
+            )
+            .collect();
+        for pin in pins {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => detached += 1,
+                Err(err) => tracing::warn!(pin = %pin.display(), error = %err, "removing link pin"),
             }
         }
         detached
@@ -284,7 +356,7 @@ impl Datapath {
             pin_dir: self.config.pin_dir(),
             cgroup: self.config.cgroup.clone(),
             socket_hooks: self
-                .cgroup_links
+                .sock_pins
                 .iter()
                 .map(|(n, _)| (*n).to_owned())
                 .collect(),
@@ -297,6 +369,7 @@ impl Datapath {
                 })
                 .collect(),
             loaded_at_unix: self.loaded_at_unix,
+            lb: None,
         }
     }
 }

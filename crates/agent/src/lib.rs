@@ -8,20 +8,112 @@
 
 mod config;
 mod datapath;
+pub mod reconcile;
+pub mod source;
 mod status;
 
 pub use config::Config;
 pub use datapath::{Datapath, DatapathError};
-pub use status::Status;
+pub use status::{LbStatus, Status};
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Runs the agent until SIGTERM or SIGINT, then detaches everything it attached.
+/// Runs the agent until SIGTERM or SIGINT. The datapath stays attached
+/// afterwards unless `--detach-on-exit` is set.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let source: Option<Box<dyn source::Source>> = config
+        .manifests
+        .as_ref()
+        .map(|d| Box::new(source::ManifestDir::new(d)) as Box<dyn source::Source>);
+    run_with_source(config, source).await
+}
+
+/// Load balancing: the compiler input, the maps, and what was reconciled.
+struct Lb {
+    source: Box<dyn source::Source>,
+    maps: meshless_maps::LbMaps,
+    state: reconcile::LbState,
+    status: LbStatus,
+    node: meshless_lb::NodeContext,
+    options: meshless_lb::CompileOptions,
+}
+
+impl Lb {
+    fn tick(&mut self) {
+        if let Some((objects, mut errors)) = self.source.poll() {
+            let compiled = meshless_lb::compile(
+                &self.node,
+                &objects.services,
+                &objects.slices,
+                &self.options,
+            );
+            errors.extend(compiled.errors.iter().map(ToString::to_string));
+            let report = self.state.apply(&mut self.maps, &compiled.services);
+            errors.extend(report.errors.iter().cloned());
+            self.status.generation += 1;
+            self.status.errors = errors;
+            self.status.last_services_written = report.services_written;
+            self.status.last_services_removed = report.services_removed;
+            tracing::info!(
+                frontends = self.state.frontends(),
+                written = report.services_written,
+                removed = report.services_removed,
+                unchanged = report.services_unchanged,
+                errors = self.status.errors.len(),
+                "services reconciled"
+            );
+            for e in &self.status.errors {
+                tracing::warn!(error = %e, "service input problem");
+            }
+        }
+        self.state.flush_retired(&mut self.maps);
+        self.status.frontends = self.state.frontends();
+        self.status.backends = self.state.backends();
+    }
+}
+
+/// Like [`run`], with the source of cluster objects chosen by the caller
+/// (tests pass [`source::InProcess`]).
+pub async fn run_with_source(
+    config: Config,
+    source: Option<Box<dyn source::Source>>,
+) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config).context("loading the datapath")?;
+    let mut lb = match source {
+        Some(source) => {
+            let maps = meshless_maps::LbMaps::open(&config.pin_dir())
+                .context("opening the load-balancing maps")?;
+            let state =
+                reconcile::LbState::adopt(&maps).context("adopting pinned load-balancing state")?;
+            tracing::info!(
+                frontends = state.frontends(),
+                backends = state.backends(),
+                "adopted pinned services"
+            );
+            Some(Lb {
+                source,
+                maps,
+                state,
+                status: LbStatus::default(),
+                node: meshless_lb::NodeContext {
+                    node_name: config.node.clone(),
+                    node_ips: config.node_ips.clone(),
+                    zone: config.zone.clone(),
+                },
+                options: config.lb_options(),
+            })
+        }
+        None => None,
+    };
+    // Services first, hooks second: the first connect() a new hook sees
+    // already finds every service.
+    if let Some(lb) = &mut lb {
+        lb.tick();
+    }
     datapath
         .attach_cgroup()
         .context("attaching the socket hooks")?;
@@ -34,7 +126,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 // A device that fails to attach is reported and retried on the
                 // next tick; it never stops the agent.
                 datapath.sync_pod_devices();
-                if let Err(err) = status::write(&config, &datapath.status()) {
+                if let Some(lb) = &mut lb {
+                    lb.tick();
+                }
+                let mut st = datapath.status();
+                st.lb = lb.as_ref().map(|l| l.status.clone());
+                if let Err(err) = status::write(&config, &st) {
                     tracing::warn!(error = %err, "writing the status file");
                 }
             }
@@ -42,9 +139,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!(node = %config.node, "shutting down: detaching the datapath");
-    let detached = datapath.detach_all();
+    if config.detach_on_exit {
+        tracing::info!(node = %config.node, "shutting down: detaching the datapath (--detach-on-exit)");
+        let detached = datapath.detach_all();
+        tracing::info!(node = %config.node, links = detached, "detached");
+    } else {
+        tracing::info!(
+            node = %config.node,
+            "shutting down; the datapath stays attached and pinned for the next agent"
+        );
+    }
     status::remove(&config);
-    tracing::info!(node = %config.node, programs = detached, "detached");
     Ok(())
 }

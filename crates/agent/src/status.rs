@@ -20,6 +20,25 @@ pub struct Status {
     pub socket_hooks: Vec<String>,
     pub devices: Vec<AttachedDevice>,
     pub loaded_at_unix: u64,
+    /// Service load balancing; absent without a source of services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb: Option<LbStatus>,
+}
+
+/// Load-balancing state as last reconciled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LbStatus {
+    /// Service frontends in the maps.
+    pub frontends: usize,
+    /// Distinct backends in the maps.
+    pub backends: usize,
+    /// Increments on every reconcile that had new input.
+    pub generation: u64,
+    /// Problems with the input or the maps, each naming the object.
+    pub errors: Vec<String>,
+    /// What the last reconcile wrote.
+    pub last_services_written: usize,
+    pub last_services_removed: usize,
 }
 
 impl Status {

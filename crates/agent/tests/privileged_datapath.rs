@@ -152,7 +152,9 @@ fn privileged_datapath_connect_hooks_detach_on_shutdown_and_adopt_pins() {
     let mut lab = Lab::create(LabSpec::new(unique_name("hook"))).expect("lab");
     let a = lab.add_pod(1, "a").expect("pod a");
     let b = lab.add_pod(2, "b").expect("pod b");
-    let mut agent1 = lab.start_agent(1, &agent()).expect("agent n1");
+    let mut agent1 = lab
+        .start_agent_with(1, &agent(), &["--detach-on-exit"])
+        .expect("agent n1");
     let _agent2 = lab.start_agent(2, &agent()).expect("agent n2");
     lab.wait_agent_ready(1, T).expect("n1 ready");
     lab.wait_agent_ready(2, T).expect("n2 ready");
@@ -205,7 +207,7 @@ fn privileged_datapath_connect_hooks_detach_on_shutdown_and_adopt_pins() {
         "n2's pods made no connections"
     );
 
-    // Graceful shutdown detaches everything but keeps the pinned maps.
+    // Shutdown with --detach-on-exit detaches everything but keeps the pinned maps.
     let status = agent1.stop(Duration::from_secs(10)).expect("agent stops");
     assert!(
         status.success(),

@@ -562,7 +562,22 @@ impl Lab {
     /// in the node's namespace, hooks on the node's cgroup, maps pinned under
     /// /sys/fs/bpf/meshless/<node>.
     pub fn start_agent(&self, index: usize, agent: &Path) -> Result<LabProcess, LabError> {
+        self.start_agent_with::<&str>(index, agent, &[])
+    }
+
+    /// [`Lab::start_agent`] with extra flags (`--manifests DIR`, `--detach-on-exit`, ...).
+    pub fn start_agent_with<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        index: usize,
+        agent: &Path,
+        extra: &[S],
+    ) -> Result<LabProcess, LabError> {
         let mut cmd = Command::new(agent);
+        cmd.args(extra);
+        cmd.arg("--node-ip")
+            .arg(self.node(index).ipv4.to_string())
+            .arg("--node-ip")
+            .arg(self.node(index).ipv6.to_string());
         cmd.arg("--node")
             .arg(self.node_name(index))
             .arg("--cgroup")

@@ -6,7 +6,7 @@ use meshless_common::{PacketCount, PacketKey, family, map_names, stat};
 
 use crate::MapsError;
 
-fn open(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
+pub(crate) fn open(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path: PathBuf = dir.join(name);
     if !path.exists() {
         return Err(MapsError::NotPinned { path });

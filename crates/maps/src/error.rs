@@ -13,6 +13,17 @@ pub enum MapsError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "map {name} is full (capacity {capacity}); raise its size in the agent config \
+         or reduce what is installed; nothing of this change was applied"
+    )]
+    Full { name: &'static str, capacity: u32 },
+    #[error("writing map {name}: {source}")]
+    Write {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("reading map {name}: {source}")]
     Read {
         name: &'static str,

@@ -8,8 +8,10 @@
 
 mod counters;
 mod error;
+mod lb;
 mod pin;
 
 pub use counters::{FlowCount, PacketCounters, Stats};
 pub use error::MapsError;
+pub use lb::LbMaps;
 pub use pin::{BPFFS_ROOT, is_bpffs, node_pin_dir};
