@@ -25,6 +25,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "ml_affinity";
     /// Socket reverse translation (LRU): [`super::RevNatKey`] -> [`super::RevNatValue`].
     pub const REV_NAT: &str = "ml_sock_revnat";
+    /// North-south IPv4 connection tracking (LRU): [`super::CtKey4`] -> [`super::CtValue4`].
+    pub const CT4: &str = "ml_ct4";
+    /// This node's addresses for the datapath: one [`super::NodeConfig`] at index 0.
+    pub const NODE_CONFIG: &str = "ml_node_cfg";
 }
 
 /// Default capacities. Userspace may override them at load time.
@@ -45,6 +49,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// Sockets whose peer address is reported as the service address; LRU.
     pub const REV_NAT: u32 = 262_144;
+    /// North-south flows, two entries each (request and reply direction); LRU.
+    pub const CT4: u32 = 262_144;
 }
 
 /// Load-balancing constants shared by the compiler (crates/lb) and the datapath.
@@ -89,11 +95,19 @@ pub mod stat {
     pub const LB_AFFINITY_HIT: u32 = 10;
     /// The reverse-translation map refused an insert.
     pub const LB_REV_NAT_FULL: u32 = 11;
+    /// New north-south flows (NodePort, LoadBalancer, externalIPs) translated.
+    pub const NP_NEW: u32 = 12;
+    /// Packets of tracked north-south flows translated (both directions).
+    pub const NP_TRACKED: u32 = 13;
+    /// North-south packets to a service with no backend, dropped.
+    pub const NP_NO_BACKEND: u32 = 14;
+    /// No free source port for SNAT, or the conntrack map refused the flow; dropped.
+    pub const NP_CT_FAIL: u32 = 15;
     /// Number of slots in the stats array (room to grow without a map resize).
     pub const MAX: u32 = 32;
 
     /// Human-readable names, indexed like the constants above.
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 16] = [
         "tc_packets",
         "tc_non_ip",
         "tc_truncated",
@@ -106,6 +120,10 @@ pub mod stat {
         "lb_rev_translated",
         "lb_affinity_hit",
         "lb_rev_nat_full",
+        "np_new",
+        "np_tracked",
+        "np_no_backend",
+        "np_ct_fail",
     ];
 }
 
@@ -262,6 +280,48 @@ pub struct RevNatValue {
 }
 const _: () = assert!(size_of::<RevNatValue>() == 24);
 
+/// A north-south IPv4 flow as seen in one direction (addresses and ports in
+/// network byte order, as in the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey4>() == 16);
+
+/// How packets of one direction of a tracked flow are rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// 1 for the reply direction (backend -> client), 0 for requests.
+    pub reply: u32,
+}
+const _: () = assert!(size_of::<CtValue4>() == 16);
+
+/// Node facts the north-south path needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node's IPv4 address on its external device: the SNAT source.
+    pub node_ip4: [u8; 4],
+    /// The node's IPv4 pod CIDR: backends inside it are local (no SNAT).
+    pub pod_cidr4: [u8; 4],
+    pub pod_prefix4: u8,
+    pub _pad: [u8; 3],
+    /// ifindex of the external device: where translated north-south packets leave.
+    pub ext_ifindex: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are #[repr(C)], Copy, contain only integers and byte
@@ -295,4 +355,13 @@ mod user {
     // SAFETY: as above.
     #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::RevNatValue {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::CtKey4 {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::CtValue4 {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::NodeConfig {}
 }

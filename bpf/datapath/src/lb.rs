@@ -24,17 +24,20 @@ use crate::bump;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "ml_services")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> =
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "ml_slots")]
-static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+pub(crate) static SLOTS: HashMap<SlotKey, u32> =
+    HashMap::pinned(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "ml_maglev")]
-static MAGLEV: HashMap<SlotKey, u32> = HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+pub(crate) static MAGLEV: HashMap<SlotKey, u32> =
+    HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
 
 #[map(name = "ml_backends")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+pub(crate) static BACKENDS: HashMap<u32, Backend> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "ml_affinity")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -194,7 +197,7 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<u32> {
 
 /// splitmix64 finaliser: a cheap, well-mixed 64-bit hash.
 #[inline(always)]
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x ^= x >> 30;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 27;

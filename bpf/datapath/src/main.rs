@@ -10,6 +10,7 @@
 )]
 
 mod lb;
+mod nodeport;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -41,9 +42,11 @@ pub(crate) fn bump(index: u32) {
 /// Counts packets sent by pods (TC ingress on the host-side device).
 #[classifier]
 pub fn pod_from(ctx: TcContext) -> i32 {
-    match try_count(&ctx, direction::FROM_POD) {
+    let counted = match try_count(&ctx, direction::FROM_POD) {
         Ok(verdict) | Err(verdict) => verdict,
-    }
+    };
+    // A reply of a north-south flow served by this pod goes back translated.
+    nodeport::from_pod(&ctx).unwrap_or(counted)
 }
 
 /// Counts packets delivered to pods (TC egress on the host-side device).

@@ -56,6 +56,17 @@ pub struct Config {
     #[arg(long = "node-ip", env = "MESHLESS_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<std::net::IpAddr>,
 
+    /// The node's external device: NodePort, LoadBalancer and externalIPs
+    /// traffic is translated on its ingress (TC). Without it only pods'
+    /// own connections are load balanced (socket hooks).
+    #[arg(long, env = "MESHLESS_EXTERNAL_DEVICE")]
+    pub external_device: Option<String>,
+
+    /// This node's pod CIDRs (repeat or comma-separate): north-south traffic
+    /// to a backend outside them is SNATed to the node address.
+    #[arg(long = "pod-cidr", env = "MESHLESS_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub pod_cidrs: Vec<(std::net::IpAddr, u8)>,
+
     /// This node's zone (topology.kubernetes.io/zone), for PreferClose.
     #[arg(long, env = "MESHLESS_ZONE")]
     pub zone: Option<String>,
@@ -72,6 +83,22 @@ pub struct Config {
     pub maglev_table_size: u32,
 }
 
+/// `198.18.17.0/24` or `fd00:b:1::/64`.
+fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = s.split_once('/').ok_or_else(|| {
+        format!("{s:?} is not a CIDR (expected ADDRESS/PREFIX, e.g. 198.18.17.0/24)")
+    })?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|e| format!("{s:?}: prefix length: {e}"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("{s:?}: prefix length {len} is longer than {max}"));
+    }
+    Ok((addr, len))
+}
+
 impl Config {
     /// Checks what clap cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), String> {
@@ -80,6 +107,9 @@ impl Config {
                 "--maglev-table-size {} is not prime; use a prime such as 16381 (the default) or 65521",
                 self.maglev_table_size
             ));
+        }
+        if self.external_device.is_some() && !self.node_ips.iter().any(std::net::IpAddr::is_ipv4) {
+            return Err("--external-device needs an IPv4 --node-ip: it is the SNAT source for north-south traffic".into());
         }
         Ok(())
     }
@@ -149,6 +179,47 @@ mod tests {
         .expect("parses");
         assert!(c.validate().is_ok());
         assert_eq!(c.node_ips.len(), 2);
+    }
+
+    #[test]
+    fn pod_cidrs_parse_and_bad_ones_say_why() {
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--pod-cidr",
+            "198.18.17.0/24,fd00:b:1::/64",
+        ])
+        .expect("parses");
+        assert_eq!(c.pod_cidrs.len(), 2);
+        let err = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--pod-cidr",
+            "198.18.17.0/33",
+        ])
+        .expect_err("/33");
+        assert!(err.to_string().contains("longer than 32"), "{err}");
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--external-device",
+            "eth0",
+        ])
+        .expect("parses");
+        assert!(
+            c.validate()
+                .expect_err("needs a node IP")
+                .contains("--node-ip")
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ static DATAPATH_OBJECT: &[u8] =
 
 const PROG_POD_FROM: &str = "pod_from";
 const PROG_POD_TO: &str = "pod_to";
+const PROG_NODEPORT: &str = "nodeport_ingress";
 /// Socket hooks on the node's cgroup: service translation at connect() and
 /// sendmsg(), the service address shown again at recvmsg() and getpeername().
 const SOCK_PROGRAMS: [&str; 8] = [
@@ -131,7 +132,7 @@ impl Datapath {
             .default_map_pin_directory(&pin_dir)
             .load(DATAPATH_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in [PROG_POD_FROM, PROG_POD_TO] {
+        for name in [PROG_POD_FROM, PROG_POD_TO, PROG_NODEPORT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
@@ -157,6 +158,73 @@ impl Datapath {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         })
+    }
+
+    /// Writes the node facts the north-south path reads and attaches it to
+    /// the external device's ingress.
+    pub fn attach_external(&mut self, device: &str) -> Result<(), DatapathError> {
+        let ifindex = nix::net::if_::if_nametoindex(device).map_err(|e| DatapathError::Link {
+            what: format!("external device {device}"),
+            reason: format!("{e} (pass the node's uplink with --external-device)"),
+        })?;
+        let mut cfg = meshless_common::NodeConfig {
+            ext_ifindex: ifindex,
+            ..Default::default()
+        };
+        if let Some(std::net::IpAddr::V4(v4)) = self.config.node_ips.iter().find(|a| a.is_ipv4()) {
+            cfg.node_ip4 = v4.octets();
+        }
+        if let Some((std::net::IpAddr::V4(net), len)) =
+            self.config.pod_cidrs.iter().find(|(a, _)| a.is_ipv4())
+        {
+            cfg.pod_cidr4 = net.octets();
+            cfg.pod_prefix4 = *len;
+        }
+        let map = self
+            .ebpf
+            .map_mut(meshless_common::map_names::NODE_CONFIG)
+            .ok_or(DatapathError::MissingProgram(
+                meshless_common::map_names::NODE_CONFIG,
+            ))?;
+        let mut array: aya::maps::Array<&mut aya::maps::MapData, meshless_common::NodeConfig> =
+            aya::maps::Array::try_from(map).map_err(|e| DatapathError::Link {
+                what: "node config map".into(),
+                reason: e.to_string(),
+            })?;
+        array.set(0, cfg, 0).map_err(|e| DatapathError::Link {
+            what: "writing the node config map".into(),
+            reason: e.to_string(),
+        })?;
+        let path = self.links_dir().join(format!("ext_{device}_{ifindex}"));
+        let result = match PinnedLink::from_pin(&path) {
+            Ok(old) => {
+                let fd: FdLink = old.into();
+                SchedClassifierLink::try_from(fd)
+                    .map_err(link_err(format!("{} link", path.display())))
+                    .and_then(|link| {
+                        self.classifier(PROG_NODEPORT)?
+                            .attach_to_link(link)
+                            .map(drop)
+                            .map_err(program_err(PROG_NODEPORT))
+                    })
+            }
+            Err(_) => self.classifier(PROG_NODEPORT).and_then(|p| {
+                let id = p
+                    .attach(device, TcAttachType::Ingress)
+                    .map_err(program_err(PROG_NODEPORT))?;
+                let link = p.take_link(id).map_err(program_err(PROG_NODEPORT))?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(link_err(format!("{PROG_NODEPORT} link")))?;
+                fd.pin(&path)
+                    .map(drop)
+                    .map_err(pin_err(format!("pinning {}", path.display())))
+            }),
+        };
+        result?;
+        self.sock_pins.push((PROG_NODEPORT, path));
+        tracing::info!(device, ifindex, "north-south path attached");
+        Ok(())
     }
 
     fn links_dir(&self) -> PathBuf {

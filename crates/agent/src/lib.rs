@@ -117,6 +117,11 @@ pub async fn run_with_source(
     datapath
         .attach_cgroup()
         .context("attaching the socket hooks")?;
+    if let Some(dev) = &config.external_device {
+        datapath
+            .attach_external(dev)
+            .context("attaching the north-south path")?;
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(config.rescan_interval_ms));

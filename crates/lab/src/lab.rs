@@ -279,6 +279,23 @@ impl Lab {
                 ],
             )?;
         }
+        // The external host reaches LoadBalancer addresses through node n1,
+        // as if n1 announced the pool (LB-IPAM and announcements come later).
+        ip_batch(
+            &self.external.netns,
+            &[
+                format!(
+                    "route add {} via {} dev eth0",
+                    plan::LB_POOL_V4,
+                    plan::node_ipv4(1)
+                ),
+                format!(
+                    "route add {} via {} dev eth0",
+                    plan::LB_POOL_V6,
+                    plan::node_ipv6(1)
+                ),
+            ],
+        )?;
         let n = self.nodes.len();
         for i in 1..=n {
             let ns = plan::node_netns(&name, i);
@@ -574,7 +591,13 @@ impl Lab {
     ) -> Result<LabProcess, LabError> {
         let mut cmd = Command::new(agent);
         cmd.args(extra);
-        cmd.arg("--node-ip")
+        let (v4, l4) = plan::pod_cidr_v4(index);
+        let (v6, l6) = plan::pod_cidr_v6(index);
+        cmd.arg("--external-device")
+            .arg("eth0")
+            .arg("--pod-cidr")
+            .arg(format!("{v4}/{l4},{v6}/{l6}"))
+            .arg("--node-ip")
             .arg(self.node(index).ipv4.to_string())
             .arg("--node-ip")
             .arg(self.node(index).ipv6.to_string());

@@ -149,6 +149,9 @@ pub fn node_ipv6(index: usize) -> Ipv6Addr {
 pub const EXTERNAL_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
 pub const EXTERNAL_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, 0x250);
 pub const FABRIC_PREFIX_V4: u8 = 24;
+/// LoadBalancer address pool (the external host routes it via node n1).
+pub const LB_POOL_V4: &str = "198.18.1.0/24";
+pub const LB_POOL_V6: &str = "fd00:d::/112";
 pub const FABRIC_PREFIX_V6: u8 = 64;
 
 pub fn vtep_ipv4(index: usize) -> Ipv4Addr {
