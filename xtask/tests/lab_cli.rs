@@ -97,10 +97,8 @@ fn lab_demo_passes_its_own_checks() {
         "demo",
         "--skip-setup",
         "--skip-build",
-        "--datagrams",
-        "200",
         "--connections",
-        "20",
+        "60",
     ]);
     assert!(ok, "demo failed:\n{out}");
     assert!(out.contains("demo passed"), "{out}");

@@ -4,7 +4,8 @@
 use clap::Parser as _;
 use meshless_agent::{Config, run};
 
-#[tokio::main]
+// One thread is plenty: the agent's work is a few syscalls per tick.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
