@@ -38,6 +38,28 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Size of the service frontend map. Map sizes are fixed when a node's
+    /// maps are first created; changing one later needs the node's pins
+    /// removed (a datapath restart).
+    #[arg(long, env = "MESHLESS_MAX_SERVICES", default_value_t = meshless_common::capacity::SERVICES)]
+    pub max_services: u32,
+
+    /// Size of the backend map (distinct address:port pairs).
+    #[arg(long, env = "MESHLESS_MAX_BACKENDS", default_value_t = meshless_common::capacity::BACKENDS)]
+    pub max_backends: u32,
+
+    /// Size of the backend-slot map (all sets; weights take one slot each).
+    #[arg(long, env = "MESHLESS_MAX_BACKEND_SLOTS", default_value_t = meshless_common::capacity::BACKEND_SLOTS)]
+    pub max_backend_slots: u32,
+
+    /// Size of the Maglev map (table size M per Maglev service).
+    #[arg(long, env = "MESHLESS_MAX_MAGLEV_ENTRIES", default_value_t = meshless_common::capacity::MAGLEV)]
+    pub max_maglev_entries: u32,
+
+    /// Size of the north-south conntrack map (two entries per flow; LRU).
+    #[arg(long, env = "MESHLESS_MAX_CONNTRACK", default_value_t = meshless_common::capacity::CT4)]
+    pub max_conntrack: u32,
+
     /// On SIGTERM/SIGINT, detach every program (remove the link pins) instead
     /// of leaving the datapath to the next agent. For uninstalling a node;
     /// never for upgrades, where it would drop service translation until the
@@ -107,6 +129,17 @@ impl Config {
                 "--maglev-table-size {} is not prime; use a prime such as 16381 (the default) or 65521",
                 self.maglev_table_size
             ));
+        }
+        for (flag, v) in [
+            ("--max-services", self.max_services),
+            ("--max-backends", self.max_backends),
+            ("--max-backend-slots", self.max_backend_slots),
+            ("--max-maglev-entries", self.max_maglev_entries),
+            ("--max-conntrack", self.max_conntrack),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
         }
         if self.external_device.is_some() && !self.node_ips.iter().any(std::net::IpAddr::is_ipv4) {
             return Err("--external-device needs an IPv4 --node-ip: it is the SNAT source for north-south traffic".into());

@@ -130,6 +130,17 @@ impl Datapath {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(meshless_common::map_names::SERVICES, config.max_services)
+            .map_max_entries(meshless_common::map_names::BACKENDS, config.max_backends)
+            .map_max_entries(
+                meshless_common::map_names::BACKEND_SLOTS,
+                config.max_backend_slots,
+            )
+            .map_max_entries(
+                meshless_common::map_names::MAGLEV,
+                config.max_maglev_entries,
+            )
+            .map_max_entries(meshless_common::map_names::CT4, config.max_conntrack)
             .load(DATAPATH_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [PROG_POD_FROM, PROG_POD_TO, PROG_NODEPORT] {

@@ -58,6 +58,7 @@ impl Lb {
             self.status.errors = errors;
             self.status.last_services_written = report.services_written;
             self.status.last_services_removed = report.services_removed;
+            self.status.map_full_total += report.map_full as u64;
             tracing::info!(
                 frontends = self.state.frontends(),
                 written = report.services_written,
@@ -71,6 +72,13 @@ impl Lb {
             }
         }
         self.state.flush_retired(&mut self.maps);
+        let c = self.maps.capacity();
+        self.status.capacity = status::LbCapacity {
+            services: c.services,
+            backend_slots: c.slots,
+            maglev: c.maglev,
+            backends: c.backends,
+        };
         self.status.frontends = self.state.frontends();
         self.status.backends = self.state.backends();
     }

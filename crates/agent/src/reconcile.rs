@@ -16,6 +16,9 @@ use meshless_lb::DesiredService;
 /// in-memory model in unit tests.
 pub trait LbWriter {
     type Error: std::fmt::Display;
+    /// True when the error is a full map (counted separately: it needs a
+    /// bigger map, not a fixed manifest).
+    fn is_full(err: &Self::Error) -> bool;
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Self::Error>;
     fn remove_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn write_set(&mut self, set_id: u32, backend_ids: &[u32]) -> Result<(), Self::Error>;
@@ -28,6 +31,9 @@ pub trait LbWriter {
 
 impl LbWriter for meshless_maps::LbMaps {
     type Error = meshless_maps::MapsError;
+    fn is_full(err: &Self::Error) -> bool {
+        matches!(err, meshless_maps::MapsError::Full { .. })
+    }
     fn put_backend(&mut self, id: u32, b: &Backend) -> Result<(), Self::Error> {
         Self::put_backend(self, id, b)
     }
@@ -72,6 +78,8 @@ pub struct ApplyReport {
     pub backends_removed: usize,
     /// Frontends that could not be written; their previous state is kept.
     pub errors: Vec<String>,
+    /// How many of those failed because a map was full.
+    pub map_full: usize,
 }
 
 /// The reconciler's memory of what is in the maps.
@@ -182,7 +190,7 @@ impl LbState {
         w: &mut W,
         b: &Backend,
         report: &mut ApplyReport,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, (String, bool)> {
         if let Some(id) = self.backends.get(b) {
             return Ok(*id);
         }
@@ -192,7 +200,7 @@ impl LbState {
                 .copied()
                 .chain(self.retired_backends.iter().map(|(_, id)| *id)),
         );
-        w.put_backend(id, b).map_err(|e| e.to_string())?;
+        w.put_backend(id, b).map_err(err::<W>)?;
         report.backends_written += 1;
         self.backends.insert(*b, id);
         Ok(id)
@@ -209,9 +217,12 @@ impl LbState {
             match self.apply_one(w, key, d, &mut report) {
                 Ok(true) => report.services_written += 1,
                 Ok(false) => report.services_unchanged += 1,
-                Err(e) => report
-                    .errors
-                    .push(format!("{} ({}): {e}", d.service, describe(key))),
+                Err((e, full)) => {
+                    report.map_full += usize::from(full);
+                    report
+                        .errors
+                        .push(format!("{} ({}): {e}", d.service, describe(key)));
+                }
             }
         }
         let gone: Vec<ServiceKey> = self
@@ -261,7 +272,7 @@ impl LbState {
         key: &ServiceKey,
         d: &DesiredService,
         report: &mut ApplyReport,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, (String, bool)> {
         let mut ids = Vec::with_capacity(d.backends.len());
         for b in &d.backends {
             ids.push(self.backend_id(w, b, report)?);
@@ -292,19 +303,19 @@ impl LbState {
         }
         let set_id = self.alloc_set();
         let value = shape(set_id);
-        w.write_set(set_id, &slots).map_err(|e| e.to_string())?;
+        w.write_set(set_id, &slots).map_err(err::<W>)?;
         if let Some(table) = &maglev
             && let Err(e) = w.write_maglev(set_id, table)
         {
             w.delete_set(set_id, value.slots);
-            return Err(e.to_string());
+            return Err(err::<W>(e));
         }
         if let Err(e) = w.put_service(key, &value) {
             w.delete_set(set_id, value.slots);
             if let Some(t) = &maglev {
                 w.delete_maglev(set_id, u32::try_from(t.len()).unwrap_or(u32::MAX));
             }
-            return Err(e.to_string());
+            return Err(err::<W>(e));
         }
         self.service_ids.insert(*key, service_id);
         if let Some(old) = self.installed.insert(
@@ -319,6 +330,10 @@ impl LbState {
         }
         Ok(true)
     }
+}
+
+fn err<W: LbWriter>(e: W::Error) -> (String, bool) {
+    (e.to_string(), W::is_full(&e))
 }
 
 /// Deletes a set (and Maglev table) no service points at any more.
@@ -369,6 +384,9 @@ mod tests {
 
     impl LbWriter for Model {
         type Error = String;
+        fn is_full(err: &String) -> bool {
+            err.contains("full")
+        }
         fn put_backend(&mut self, id: u32, b: &Backend) -> Result<(), String> {
             self.writes += 1;
             self.backends.insert(id, *b);
@@ -515,7 +533,7 @@ mod tests {
         let mut s = LbState::default();
         s.apply(&mut m, &BTreeMap::from([(key(1), desired(&[10, 11]))]));
         let r = s.apply(&mut m, &BTreeMap::from([(key(1), desired(&[10, 11, 12]))]));
-        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert_eq!((r.errors.len(), r.map_full), (1, 1), "{r:?}");
         assert!(
             r.errors[0].contains("default/web") && r.errors[0].contains("198.19.0.1:80/tcp"),
             "{:?}",

@@ -25,6 +25,15 @@ pub struct Status {
     pub lb: Option<LbStatus>,
 }
 
+/// Sizes of the load-balancing maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LbCapacity {
+    pub services: u32,
+    pub backend_slots: u32,
+    pub maglev: u32,
+    pub backends: u32,
+}
+
 /// Load-balancing state as last reconciled.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LbStatus {
@@ -36,6 +45,11 @@ pub struct LbStatus {
     pub generation: u64,
     /// Problems with the input or the maps, each naming the object.
     pub errors: Vec<String>,
+    /// Service updates refused because a map was full, since the agent
+    /// started (raise the matching --max-* flag).
+    pub map_full_total: u64,
+    /// The load-balancing maps' sizes (max_entries).
+    pub capacity: LbCapacity,
     /// What the last reconcile wrote.
     pub last_services_written: usize,
     pub last_services_removed: usize,

@@ -19,6 +19,7 @@ fn labtool() -> Command {
 struct Fixture {
     lab: Lab,
     dir: PathBuf,
+    agent_args: Vec<String>,
     agent: Option<LabProcess>,
     client: Pod,
     backends: Vec<Pod>,
@@ -28,6 +29,10 @@ struct Fixture {
 /// A lab with a client pod on n1, `serve-id` backends where asked, and an
 /// agent on n1 watching a manifest directory.
 fn fixture(prefix: &str, backends: &[(usize, &str)]) -> Fixture {
+    fixture_with(prefix, backends, &[])
+}
+
+fn fixture_with(prefix: &str, backends: &[(usize, &str)], agent_args: &[&str]) -> Fixture {
     require_root();
     let mut lab = Lab::create(LabSpec::new(unique_name(prefix))).expect("lab");
     let client = lab.add_pod(1, "client").expect("client pod");
@@ -46,6 +51,7 @@ fn fixture(prefix: &str, backends: &[(usize, &str)]) -> Fixture {
     let mut f = Fixture {
         lab,
         dir,
+        agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
         agent: None,
         client,
         backends: pods,
@@ -57,13 +63,14 @@ fn fixture(prefix: &str, backends: &[(usize, &str)]) -> Fixture {
 
 impl Fixture {
     fn start_agent(&mut self) {
-        let dir = self.dir.display().to_string();
+        let mut args = vec!["--manifests".to_owned(), self.dir.display().to_string()];
+        args.extend(self.agent_args.iter().cloned());
         let agent = self
             .lab
             .start_agent_with(
                 1,
                 std::path::Path::new(env!("CARGO_BIN_EXE_meshless-agent")),
-                &["--manifests", &dir],
+                &args,
             )
             .expect("agent");
         self.agent = Some(agent);
@@ -601,5 +608,29 @@ fn privileged_lb_bad_input_is_reported_and_nothing_is_lost() {
         "the TCP port still compiles (both families): {lb}"
     );
     let v = f.tally(&["--to", "198.19.0.10:80", "--count", "20"]);
+    assert_eq!(v["failed"], 0, "{v}");
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by `cargo xtask test`"]
+fn privileged_lb_full_map_is_a_clear_error_and_a_metric() {
+    let f = fixture_with("full", &[(2, "b1")], &["--max-services", "3"]);
+    let lb = f.apply("web.yaml", &web_with(&f, &["b1"], "", ""));
+    assert_eq!(
+        lb["capacity"]["services"], 3,
+        "the map was sized by the flag: {lb}"
+    );
+    assert_eq!(lb["frontends"], 3, "what fits is installed: {lb}");
+    assert!(
+        lb["map_full_total"].as_u64().unwrap_or(0) >= 1,
+        "counted: {lb}"
+    );
+    let errors = lb["errors"].to_string();
+    assert!(
+        errors.contains("ml_services is full") && errors.contains("default/web"),
+        "says which map and which service: {lb}"
+    );
+    // The frontends that fit work.
+    let v = f.tally(&["--to", "198.19.0.10:80", "--count", "10"]);
     assert_eq!(v["failed"], 0, "{v}");
 }

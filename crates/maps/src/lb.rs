@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, MapError};
-use meshless_common::{Backend, ServiceKey, ServiceValue, SlotKey, capacity, map_names};
+use meshless_common::{Backend, ServiceKey, ServiceValue, SlotKey, map_names};
 
 use crate::MapsError;
 use crate::counters::open;
@@ -19,6 +19,18 @@ pub struct LbMaps {
     slots: HashMap<MapData, SlotKey, u32>,
     maglev: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
+    /// max_entries of each map as the kernel reports it (they are sized at
+    /// load time, so the constants in meshless-common are only defaults).
+    capacity: Capacity,
+}
+
+/// The sizes of the load-balancing maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub slots: u32,
+    pub maglev: u32,
+    pub backends: u32,
 }
 
 impl std::fmt::Debug for LbMaps {
@@ -30,8 +42,16 @@ impl std::fmt::Debug for LbMaps {
 fn typed<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
     name: &'static str,
-) -> Result<HashMap<MapData, K, V>, MapsError> {
-    HashMap::try_from(open(dir, name)?).map_err(|source| MapsError::Read { name, source })
+) -> Result<(HashMap<MapData, K, V>, u32), MapsError> {
+    let map = open(dir, name)?;
+    let cap = match &map {
+        aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
+            d.info().map_or(0, |i| i.max_entries())
+        }
+        _ => 0,
+    };
+    let typed = HashMap::try_from(map).map_err(|source| MapsError::Read { name, source })?;
+    Ok((typed, cap))
 }
 
 /// A failed update; a full map gets its own variant (and a clear message).
@@ -52,18 +72,33 @@ const fn libc_e2big() -> i32 {
 impl LbMaps {
     /// Opens the pinned maps in a node's pin directory.
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        let (services, c_services) = typed(dir, map_names::SERVICES)?;
+        let (slots, c_slots) = typed(dir, map_names::BACKEND_SLOTS)?;
+        let (maglev, c_maglev) = typed(dir, map_names::MAGLEV)?;
+        let (backends, c_backends) = typed(dir, map_names::BACKENDS)?;
         Ok(Self {
-            services: typed(dir, map_names::SERVICES)?,
-            slots: typed(dir, map_names::BACKEND_SLOTS)?,
-            maglev: typed(dir, map_names::MAGLEV)?,
-            backends: typed(dir, map_names::BACKENDS)?,
+            services,
+            slots,
+            maglev,
+            backends,
+            capacity: Capacity {
+                services: c_services,
+                slots: c_slots,
+                maglev: c_maglev,
+                backends: c_backends,
+            },
         })
+    }
+
+    /// The maps' sizes.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     pub fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapsError> {
         self.backends
             .insert(id, *backend, 0)
-            .map_err(write_err(map_names::BACKENDS, capacity::BACKENDS))
+            .map_err(write_err(map_names::BACKENDS, self.capacity.backends))
     }
 
     pub fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
@@ -76,7 +111,7 @@ impl LbMaps {
         write_table(
             &mut self.slots,
             map_names::BACKEND_SLOTS,
-            capacity::BACKEND_SLOTS,
+            self.capacity.slots,
             set_id,
             backend_ids,
         )
@@ -92,7 +127,7 @@ impl LbMaps {
         write_table(
             &mut self.maglev,
             map_names::MAGLEV,
-            capacity::MAGLEV,
+            self.capacity.maglev,
             set_id,
             table,
         )
@@ -106,7 +141,7 @@ impl LbMaps {
     pub fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
         self.services
             .insert(*key, *value, 0)
-            .map_err(write_err(map_names::SERVICES, capacity::SERVICES))
+            .map_err(write_err(map_names::SERVICES, self.capacity.services))
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {

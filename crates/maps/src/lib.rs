@@ -13,5 +13,5 @@ mod pin;
 
 pub use counters::{FlowCount, PacketCounters, Stats};
 pub use error::MapsError;
-pub use lb::LbMaps;
+pub use lb::{Capacity, LbMaps};
 pub use pin::{BPFFS_ROOT, is_bpffs, node_pin_dir};
