@@ -103,11 +103,15 @@ pub mod stat {
     pub const NP_NO_BACKEND: u32 = 14;
     /// No free source port for SNAT, or the conntrack map refused the flow; dropped.
     pub const NP_CT_FAIL: u32 = 15;
+    /// Requests sent to a remote backend's node with the DSR option.
+    pub const NP_DSR_OUT: u32 = 16;
+    /// Requests received with the DSR option (this node answers directly).
+    pub const NP_DSR_IN: u32 = 17;
     /// Number of slots in the stats array (room to grow without a map resize).
     pub const MAX: u32 = 32;
 
     /// Human-readable names, indexed like the constants above.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 18] = [
         "tc_packets",
         "tc_non_ip",
         "tc_truncated",
@@ -124,6 +128,8 @@ pub mod stat {
         "np_tracked",
         "np_no_backend",
         "np_ct_fail",
+        "np_dsr_out",
+        "np_dsr_in",
     ];
 }
 
@@ -302,10 +308,27 @@ pub struct CtValue4 {
     pub daddr: [u8; 4],
     pub sport: u16,
     pub dport: u16,
-    /// 1 for the reply direction (backend -> client), 0 for requests.
-    pub reply: u32,
+    /// `ct::REPLY`, `ct::DSR`.
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<CtValue4>() == 16);
+
+/// [`CtValue4::flags`] and north-south modes.
+pub mod ct {
+    /// The reply direction (backend -> client).
+    pub const REPLY: u32 = 1 << 0;
+    /// A request forwarded to another node with the service address in an
+    /// IPv4 option (direct server return); its replies never come back here.
+    pub const DSR: u32 = 1 << 1;
+    /// [`super::NodeConfig::nat_mode`]: SNAT to the node address for remote backends.
+    pub const MODE_SNAT: u8 = 0;
+    /// [`super::NodeConfig::nat_mode`]: direct server return for remote backends.
+    pub const MODE_DSR: u8 = 1;
+    /// IPv4 option type carrying the service address (copied flag + 26),
+    /// 8 bytes: type, length, service port, service address.
+    pub const DSR_OPT_TYPE: u8 = 0x9a;
+    pub const DSR_OPT_LEN: u8 = 8;
+}
 
 /// Node facts the north-south path needs.
 #[repr(C)]
@@ -316,7 +339,9 @@ pub struct NodeConfig {
     /// The node's IPv4 pod CIDR: backends inside it are local (no SNAT).
     pub pod_cidr4: [u8; 4],
     pub pod_prefix4: u8,
-    pub _pad: [u8; 3],
+    /// `ct::MODE_SNAT` or `ct::MODE_DSR`.
+    pub nat_mode: u8,
+    pub _pad: [u8; 2],
     /// ifindex of the external device: where translated north-south packets leave.
     pub ext_ifindex: u32,
 }

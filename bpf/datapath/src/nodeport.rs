@@ -8,14 +8,17 @@
 //! IPv4, TCP and UDP; fragments and IP options pass untouched.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+    },
     helpers::{bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{classifier, map},
     maps::{Array, LruHashMap},
     programs::TcContext,
 };
 use meshless_common::{
-    CtKey4, CtValue4, NodeConfig, ServiceKey, SlotKey, capacity, family, lb, stat,
+    CtKey4, CtValue4, NodeConfig, ServiceKey, SlotKey, capacity, ct, family, lb, stat,
 };
 
 use crate::bump;
@@ -155,15 +158,113 @@ fn tracked(ctx: &TcContext, flow: &Flow, cfg: &NodeConfig, from_pod: bool) -> Op
         return Some(TC_ACT_SHOT);
     }
     bump(stat::NP_TRACKED);
+    if to.flags & ct::DSR != 0 {
+        // The backend's node needs the service address to answer as it.
+        if add_dsr_option(ctx, flow.key.daddr, flow.key.dport).is_err() {
+            return Some(TC_ACT_SHOT);
+        }
+        bump(stat::NP_DSR_OUT);
+        return Some(emit(Some(cfg.ext_ifindex)));
+    }
     // Replies always leave through the external device; requests do unless
     // they are for a local pod (then the stack routes them to its device).
     let local = in_cidr(to.daddr, cfg.pod_cidr4, cfg.pod_prefix4);
-    let out = if to.reply != 0 || (!local && !from_pod) {
+    let out = if to.flags & ct::REPLY != 0 || (!local && !from_pod) {
         Some(cfg.ext_ifindex)
     } else {
         None
     };
     Some(emit(out))
+}
+
+/// The IPv4 header checksum of `hdr` (its checksum field must be zero).
+#[inline(always)]
+fn ip_checksum<const N: usize>(hdr: &[u8; N]) -> [u8; 2] {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Inserts the DSR option (service address and port) after the IPv4 header.
+#[inline(always)]
+fn add_dsr_option(ctx: &TcContext, svc_addr: [u8; 4], svc_port: u16) -> Result<(), i64> {
+    let base = ctx.load::<[u8; 20]>(ETH_HLEN)?;
+    ctx.adjust_room(i32::from(ct::DSR_OPT_LEN), BPF_ADJ_ROOM_NET, 0)?;
+    let mut hdr = [0u8; 28];
+    hdr[..20].copy_from_slice(&base);
+    hdr[0] = 0x47;
+    let tot = u16::from_be_bytes([base[2], base[3]]).wrapping_add(u16::from(ct::DSR_OPT_LEN));
+    hdr[2..4].copy_from_slice(&tot.to_be_bytes());
+    hdr[10] = 0;
+    hdr[11] = 0;
+    hdr[20] = ct::DSR_OPT_TYPE;
+    hdr[21] = ct::DSR_OPT_LEN;
+    hdr[22..24].copy_from_slice(&svc_port.to_ne_bytes());
+    hdr[24..28].copy_from_slice(&svc_addr);
+    let csum = ip_checksum(&hdr);
+    hdr[10..12].copy_from_slice(&csum);
+    ctx.store(ETH_HLEN, &hdr, 0)
+}
+
+/// A request that another node forwarded with the DSR option: remember to
+/// answer as the service, remove the option, let the stack deliver it.
+#[inline(always)]
+fn dsr_receive(ctx: &TcContext) -> Option<i32> {
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP || ctx.load::<u8>(ETH_HLEN).ok()? != 0x47
+    {
+        return None;
+    }
+    let opt = ctx.load::<[u8; 8]>(ETH_HLEN + 20).ok()?;
+    if opt[0] != ct::DSR_OPT_TYPE || opt[1] != ct::DSR_OPT_LEN {
+        return None;
+    }
+    let base = ctx.load::<[u8; 20]>(ETH_HLEN).ok()?;
+    if ctx
+        .adjust_room(-i32::from(ct::DSR_OPT_LEN), BPF_ADJ_ROOM_NET, 0)
+        .is_err()
+    {
+        return Some(TC_ACT_SHOT);
+    }
+    let mut hdr = base;
+    hdr[0] = 0x45;
+    let tot = u16::from_be_bytes([base[2], base[3]]).wrapping_sub(u16::from(ct::DSR_OPT_LEN));
+    hdr[2..4].copy_from_slice(&tot.to_be_bytes());
+    hdr[10] = 0;
+    hdr[11] = 0;
+    let csum = ip_checksum(&hdr);
+    hdr[10..12].copy_from_slice(&csum);
+    if ctx.store(ETH_HLEN, &hdr, 0).is_err() {
+        return Some(TC_ACT_SHOT);
+    }
+    let flow = parse(ctx)?;
+    let k = flow.key;
+    let reply_key = CtKey4 {
+        saddr: k.daddr,
+        daddr: k.saddr,
+        sport: k.dport,
+        dport: k.sport,
+        protocol: k.protocol,
+        _pad: [0; 3],
+    };
+    let reply = CtValue4 {
+        saddr: [opt[4], opt[5], opt[6], opt[7]],
+        daddr: k.saddr,
+        sport: u16::from_ne_bytes([opt[2], opt[3]]),
+        dport: k.sport,
+        flags: ct::REPLY,
+    };
+    if CT4.insert(reply_key, reply, 0).is_err() {
+        bump(stat::NP_CT_FAIL);
+        return Some(TC_ACT_SHOT);
+    }
+    bump(stat::NP_DSR_IN);
+    Some(TC_ACT_OK)
 }
 
 /// Packets arriving on the node's external device.
@@ -174,6 +275,9 @@ pub fn nodeport_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_nodeport(ctx: &TcContext) -> Option<i32> {
+    if let Some(verdict) = dsr_receive(ctx) {
+        return Some(verdict);
+    }
     let flow = parse(ctx)?;
     let cfg = config()?;
     if let Some(verdict) = tracked(ctx, &flow, &cfg, false) {
@@ -227,6 +331,28 @@ fn try_nodeport(ctx: &TcContext) -> Option<i32> {
     let baddr = [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
     let bport = b.port.to_be();
     let local = in_cidr(baddr, cfg.pod_cidr4, cfg.pod_prefix4);
+    if !local && cfg.nat_mode == ct::MODE_DSR {
+        // Direct server return: the client's address stays, the backend's
+        // node answers the client itself; nothing comes back here.
+        let forward = CtValue4 {
+            saddr: k.saddr,
+            daddr: baddr,
+            sport: k.sport,
+            dport: bport,
+            flags: ct::DSR,
+        };
+        if CT4.insert(k, forward, 0).is_err() {
+            bump(stat::NP_CT_FAIL);
+            return Some(TC_ACT_SHOT);
+        }
+        if rewrite(ctx, &flow, &forward).is_err() || add_dsr_option(ctx, k.daddr, k.dport).is_err()
+        {
+            return Some(TC_ACT_SHOT);
+        }
+        bump(stat::NP_NEW);
+        bump(stat::NP_DSR_OUT);
+        return Some(emit(Some(cfg.ext_ifindex)));
+    }
     let (src, sport) = if local {
         (k.saddr, k.sport)
     } else {
@@ -241,7 +367,7 @@ fn try_nodeport(ctx: &TcContext) -> Option<i32> {
         daddr: baddr,
         sport,
         dport: bport,
-        reply: 0,
+        flags: 0,
     };
     let reply_key = CtKey4 {
         saddr: baddr,
@@ -256,7 +382,7 @@ fn try_nodeport(ctx: &TcContext) -> Option<i32> {
         daddr: k.saddr,
         sport: k.dport,
         dport: k.sport,
-        reply: 1,
+        flags: ct::REPLY,
     };
     if CT4.insert(reply_key, reply, 0).is_err() || CT4.insert(k, forward, 0).is_err() {
         bump(stat::NP_CT_FAIL);

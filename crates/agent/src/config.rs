@@ -89,6 +89,13 @@ pub struct Config {
     #[arg(long = "pod-cidr", env = "MESHLESS_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub pod_cidrs: Vec<(std::net::IpAddr, u8)>,
 
+    /// How north-south traffic reaches a backend on another node: snat (the
+    /// backend answers through this node) or dsr (direct server return: the
+    /// service address travels in an IPv4 option and the backend's node
+    /// answers the client itself; every node must run the agent).
+    #[arg(long, env = "MESHLESS_LB_MODE", default_value = "snat", value_parser = ["snat", "dsr"])]
+    pub lb_mode: String,
+
     /// This node's zone (topology.kubernetes.io/zone), for PreferClose.
     #[arg(long, env = "MESHLESS_ZONE")]
     pub zone: Option<String>,

@@ -180,6 +180,11 @@ impl Datapath {
         })?;
         let mut cfg = meshless_common::NodeConfig {
             ext_ifindex: ifindex,
+            nat_mode: if self.config.lb_mode == "dsr" {
+                meshless_common::ct::MODE_DSR
+            } else {
+                meshless_common::ct::MODE_SNAT
+            },
             ..Default::default()
         };
         if let Some(std::net::IpAddr::V4(v4)) = self.config.node_ips.iter().find(|a| a.is_ipv4()) {

@@ -634,3 +634,96 @@ fn privileged_lb_full_map_is_a_clear_error_and_a_metric() {
     let v = f.tally(&["--to", "198.19.0.10:80", "--count", "10"]);
     assert_eq!(v["failed"], 0, "{v}");
 }
+
+#[test]
+#[ignore = "privileged: needs root; run by `cargo xtask test`"]
+fn privileged_lb_nodeport_with_direct_server_return() {
+    // Backend only on n2; the client reaches n1's NodePort. With DSR, n2
+    // answers the client directly, so n1 sees only requests.
+    let mut f = fixture_with("dsr", &[(2, "b1")], &["--lb-mode", "dsr"]);
+    let spec = "  type: NodePort\n";
+    let yaml = web_with(&f, &["b1"], spec, "")
+        .replace(
+            "targetPort: 8080, protocol: TCP}",
+            "targetPort: 8080, nodePort: 30080, protocol: TCP}",
+        )
+        .replace(
+            "targetPort: 8080, protocol: UDP}",
+            "targetPort: 8080, nodePort: 30053, protocol: UDP}",
+        );
+    f.apply("web.yaml", &yaml);
+    // The backend's node runs an agent too (the receiving half of DSR).
+    let dir = f.dir.display().to_string();
+    let n2 = f
+        .lab
+        .start_agent_with(
+            2,
+            std::path::Path::new(env!("CARGO_BIN_EXE_meshless-agent")),
+            &["--manifests", &dir, "--lb-mode", "dsr"],
+        )
+        .expect("agent n2");
+    f.lab.wait_agent_ready(2, T).expect("n2 ready");
+    f._servers.push(n2);
+    let stats = |node: usize| meshless_maps::Stats::open(&f.lab.pin_dir(node)).expect("stats");
+    let get = |node: usize, s: u32| stats(node).get(s).expect("stat");
+    use meshless_common::stat;
+    let (out0, in0, rev0) = (
+        get(1, stat::NP_DSR_OUT),
+        get(2, stat::NP_DSR_IN),
+        get(2, stat::NP_TRACKED),
+    );
+    let node = f.lab.node(1).ipv4;
+    let mut cmd = labtool();
+    cmd.args(["tally", "--to", &format!("{node}:30080"), "--count", "100"]);
+    let out = f
+        .lab
+        .spawn_on_host(f.lab.external(), "tally", cmd)
+        .expect("ext")
+        .wait_success(T)
+        .expect("tally");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(v["failed"], 0, "NodePort with DSR: {v}");
+    assert_eq!(
+        replies(&v).keys().cloned().collect::<Vec<_>>(),
+        ["b1"],
+        "{v}"
+    );
+    let (out1, in1, rev1) = (
+        get(1, stat::NP_DSR_OUT),
+        get(2, stat::NP_DSR_IN),
+        get(2, stat::NP_TRACKED),
+    );
+    assert!(
+        out1 - out0 >= 100 * 3,
+        "n1 forwarded every request packet with the option: {}",
+        out1 - out0
+    );
+    assert_eq!(in1 - in0, out1 - out0, "n2 received each of them");
+    assert!(
+        rev1 - rev0 >= 100 * 2,
+        "n2 answered as the service (replies translated there): {}",
+        rev1 - rev0
+    );
+    let mut cmd = labtool();
+    cmd.args([
+        "tally",
+        "--to",
+        &format!("{node}:30053"),
+        "--udp",
+        "--unconnected",
+        "--count",
+        "20",
+    ]);
+    let out = f
+        .lab
+        .spawn_on_host(f.lab.external(), "tally", cmd)
+        .expect("ext")
+        .wait_success(T)
+        .expect("tally");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(
+        (v["failed"].as_u64(), v["wrong_source"].as_u64()),
+        (Some(0), Some(0)),
+        "UDP with DSR: {v}"
+    );
+}
