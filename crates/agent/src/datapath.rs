@@ -212,32 +212,7 @@ impl Datapath {
             reason: e.to_string(),
         })?;
         let path = self.links_dir().join(format!("ext_{device}_{ifindex}"));
-        let result = match PinnedLink::from_pin(&path) {
-            Ok(old) => {
-                let fd: FdLink = old.into();
-                SchedClassifierLink::try_from(fd)
-                    .map_err(link_err(format!("{} link", path.display())))
-                    .and_then(|link| {
-                        self.classifier(PROG_NODEPORT)?
-                            .attach_to_link(link)
-                            .map(drop)
-                            .map_err(program_err(PROG_NODEPORT))
-                    })
-            }
-            Err(_) => self.classifier(PROG_NODEPORT).and_then(|p| {
-                let id = p
-                    .attach(device, TcAttachType::Ingress)
-                    .map_err(program_err(PROG_NODEPORT))?;
-                let link = p.take_link(id).map_err(program_err(PROG_NODEPORT))?;
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(link_err(format!("{PROG_NODEPORT} link")))?;
-                fd.pin(&path)
-                    .map(drop)
-                    .map_err(pin_err(format!("pinning {}", path.display())))
-            }),
-        };
-        result?;
+        self.attach_tc_pinned(PROG_NODEPORT, device, TcAttachType::Ingress, &path)?;
         self.sock_pins.push((PROG_NODEPORT, path));
         tracing::info!(device, ifindex, "north-south path attached");
         Ok(())
@@ -364,6 +339,38 @@ impl Datapath {
             .map_err(program_err(name))
     }
 
+    /// Attaches `prog` to `device` through a link pinned at `path`; if a
+    /// previous agent left a link there, swaps our program into it
+    /// atomically instead (no moment without a program).
+    fn attach_tc_pinned(
+        &mut self,
+        prog: &'static str,
+        device: &str,
+        dir: TcAttachType,
+        path: &std::path::Path,
+    ) -> Result<(), DatapathError> {
+        match PinnedLink::from_pin(path) {
+            Ok(old) => {
+                let fd: FdLink = old.into();
+                let link = SchedClassifierLink::try_from(fd)
+                    .map_err(link_err(format!("{} link", path.display())))?;
+                self.classifier(prog)?
+                    .attach_to_link(link)
+                    .map(drop)
+                    .map_err(program_err(prog))
+            }
+            Err(_) => {
+                let p = self.classifier(prog)?;
+                let id = p.attach(device, dir).map_err(program_err(prog))?;
+                let link = p.take_link(id).map_err(program_err(prog))?;
+                let fd: FdLink = link.try_into().map_err(link_err(format!("{prog} link")))?;
+                fd.pin(path)
+                    .map(drop)
+                    .map_err(pin_err(format!("pinning {}", path.display())))
+            }
+        }
+    }
+
     /// Attaches (or takes over, atomically) both TC links of one device.
     fn attach_device(&mut self, device: &str, ifindex: u32) -> Result<[PathBuf; 2], DatapathError> {
         let links = self.links_dir();
@@ -373,28 +380,7 @@ impl Datapath {
             (PROG_POD_TO, TcAttachType::Egress, "to"),
         ] {
             let path = links.join(format!("tc_{device}_{ifindex}_{tag}"));
-            let result = match PinnedLink::from_pin(&path) {
-                Ok(old) => {
-                    // A previous agent's link: swap our program into it.
-                    let fd: FdLink = old.into();
-                    SchedClassifierLink::try_from(fd)
-                        .map_err(link_err(format!("{} link", path.display())))
-                        .and_then(|link| {
-                            self.classifier(prog)?
-                                .attach_to_link(link)
-                                .map(drop)
-                                .map_err(program_err(prog))
-                        })
-                }
-                Err(_) => self.classifier(prog).and_then(|p| {
-                    let id = p.attach(device, dir).map_err(program_err(prog))?;
-                    let link = p.take_link(id).map_err(program_err(prog))?;
-                    let fd: FdLink = link.try_into().map_err(link_err(format!("{prog} link")))?;
-                    fd.pin(&path)
-                        .map(drop)
-                        .map_err(pin_err(format!("pinning {}", path.display())))
-                }),
-            };
+            let result = self.attach_tc_pinned(prog, device, dir, &path);
             if let Err(e) = result {
                 // Nothing half-attached: drop what this call pinned.
                 for p in &pins {

@@ -126,6 +126,19 @@ impl Fixture {
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("tally printed {out:?}: {e}"))
     }
 
+    /// `tally` from the external host (outside the cluster).
+    fn tally_external(&self, args: &[&str]) -> serde_json::Value {
+        let mut cmd = labtool();
+        cmd.arg("tally").args(args);
+        let out = self
+            .lab
+            .spawn_on_host(self.lab.external(), "tally", cmd)
+            .expect("tally on the external host")
+            .wait_success(T)
+            .expect("tally exits 0");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("tally printed {out:?}: {e}"))
+    }
+
     fn tally(&self, args: &[&str]) -> serde_json::Value {
         self.tally_from(&self.client, args)
     }
@@ -487,23 +500,12 @@ fn privileged_lb_nodeport_and_loadbalancer_from_the_external_host() {
     );
     let lb = f.apply("web.yaml", &yaml);
     assert_eq!(lb["errors"], serde_json::json!([]), "{lb}");
-    let ext = |args: &[&str]| -> serde_json::Value {
-        let mut cmd = labtool();
-        cmd.arg("tally").args(args);
-        let out = f
-            .lab
-            .spawn_on_host(f.lab.external(), "tally", cmd)
-            .expect("tally on ext")
-            .wait_success(T)
-            .expect("tally exits 0");
-        serde_json::from_str(out.trim()).expect("JSON")
-    };
     let node = f.lab.node(1).ipv4;
     for (to, what) in [
         (format!("{node}:30080"), "NodePort"),
         ("198.18.1.10:80".to_owned(), "LoadBalancer IP"),
     ] {
-        let v = ext(&["--to", &to, "--count", "200"]);
+        let v = f.tally_external(&["--to", &to, "--count", "200"]);
         assert_eq!(v["failed"], 0, "{what} from outside the cluster: {v}");
         assert_eq!(
             replies(&v).keys().cloned().collect::<Vec<_>>(),
@@ -511,7 +513,7 @@ fn privileged_lb_nodeport_and_loadbalancer_from_the_external_host() {
             "{what}: a remote backend (SNAT) and a local one both serve: {v}"
         );
     }
-    let v = ext(&[
+    let v = f.tally_external(&[
         "--to",
         &format!("{node}:30053"),
         "--udp",
@@ -673,15 +675,7 @@ fn privileged_lb_nodeport_with_direct_server_return() {
         get(2, stat::NP_TRACKED),
     );
     let node = f.lab.node(1).ipv4;
-    let mut cmd = labtool();
-    cmd.args(["tally", "--to", &format!("{node}:30080"), "--count", "100"]);
-    let out = f
-        .lab
-        .spawn_on_host(f.lab.external(), "tally", cmd)
-        .expect("ext")
-        .wait_success(T)
-        .expect("tally");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    let v = f.tally_external(&["--to", &format!("{node}:30080"), "--count", "100"]);
     assert_eq!(v["failed"], 0, "NodePort with DSR: {v}");
     assert_eq!(
         replies(&v).keys().cloned().collect::<Vec<_>>(),
@@ -704,9 +698,7 @@ fn privileged_lb_nodeport_with_direct_server_return() {
         "n2 answered as the service (replies translated there): {}",
         rev1 - rev0
     );
-    let mut cmd = labtool();
-    cmd.args([
-        "tally",
+    let v = f.tally_external(&[
         "--to",
         &format!("{node}:30053"),
         "--udp",
@@ -714,13 +706,6 @@ fn privileged_lb_nodeport_with_direct_server_return() {
         "--count",
         "20",
     ]);
-    let out = f
-        .lab
-        .spawn_on_host(f.lab.external(), "tally", cmd)
-        .expect("ext")
-        .wait_success(T)
-        .expect("tally");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
     assert_eq!(
         (v["failed"].as_u64(), v["wrong_source"].as_u64()),
         (Some(0), Some(0)),
