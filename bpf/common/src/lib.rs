@@ -27,6 +27,8 @@ pub mod map_names {
     pub const REV_NAT: &str = "ml_sock_revnat";
     /// North-south IPv4 connection tracking (LRU): [`super::CtKey4`] -> [`super::CtValue4`].
     pub const CT4: &str = "ml_ct4";
+    /// North-south IPv6 connection tracking (LRU): [`super::CtKey6`] -> [`super::CtValue6`].
+    pub const CT6: &str = "ml_ct6";
     /// This node's addresses for the datapath: one [`super::NodeConfig`] at index 0.
     pub const NODE_CONFIG: &str = "ml_node_cfg";
 }
@@ -51,6 +53,8 @@ pub mod capacity {
     pub const REV_NAT: u32 = 262_144;
     /// North-south flows, two entries each (request and reply direction); LRU.
     pub const CT4: u32 = 262_144;
+    /// The same for IPv6.
+    pub const CT6: u32 = 131_072;
 }
 
 /// Load-balancing constants shared by the compiler (crates/lb) and the datapath.
@@ -313,6 +317,32 @@ pub struct CtValue4 {
 }
 const _: () = assert!(size_of::<CtValue4>() == 16);
 
+/// A north-south IPv6 flow in one direction (ports in network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey6>() == 40);
+
+/// How packets of one direction of a tracked IPv6 flow are rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// `ct::REPLY` (DSR is IPv4 only).
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<CtValue6>() == 40);
+
 /// [`CtValue4::flags`] and north-south modes.
 pub mod ct {
     /// The reply direction (backend -> client).
@@ -344,8 +374,14 @@ pub struct NodeConfig {
     pub _pad: [u8; 2],
     /// ifindex of the external device: where translated north-south packets leave.
     pub ext_ifindex: u32,
+    /// The node's IPv6 address on its external device (all zero: none).
+    pub node_ip6: [u8; 16],
+    /// The node's IPv6 pod CIDR.
+    pub pod_cidr6: [u8; 16],
+    pub pod_prefix6: u8,
+    pub _pad6: [u8; 3],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 16);
+const _: () = assert!(size_of::<NodeConfig>() == 52);
 
 #[cfg(feature = "user")]
 mod user {
@@ -389,4 +425,10 @@ mod user {
     // SAFETY: as above.
     #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::CtKey6 {}
+    // SAFETY: as above.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::CtValue6 {}
 }

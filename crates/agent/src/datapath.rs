@@ -141,6 +141,7 @@ impl Datapath {
                 config.max_maglev_entries,
             )
             .map_max_entries(meshless_common::map_names::CT4, config.max_conntrack)
+            .map_max_entries(meshless_common::map_names::CT6, config.max_conntrack)
             .load(DATAPATH_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [PROG_POD_FROM, PROG_POD_TO, PROG_NODEPORT] {
@@ -195,6 +196,15 @@ impl Datapath {
         {
             cfg.pod_cidr4 = net.octets();
             cfg.pod_prefix4 = *len;
+        }
+        if let Some(std::net::IpAddr::V6(v6)) = self.config.node_ips.iter().find(|a| a.is_ipv6()) {
+            cfg.node_ip6 = v6.octets();
+        }
+        if let Some((std::net::IpAddr::V6(net), len)) =
+            self.config.pod_cidrs.iter().find(|(a, _)| a.is_ipv6())
+        {
+            cfg.pod_cidr6 = net.octets();
+            cfg.pod_prefix6 = *len;
         }
         let map = self
             .ebpf

@@ -513,6 +513,14 @@ fn privileged_lb_nodeport_and_loadbalancer_from_the_external_host() {
             "{what}: a remote backend (SNAT) and a local one both serve: {v}"
         );
     }
+    let node6 = f.lab.node(1).ipv6;
+    let v = f.tally_external(&["--to", &format!("[{node6}]:30080"), "--count", "100"]);
+    assert_eq!(v["failed"], 0, "IPv6 NodePort: {v}");
+    assert_eq!(
+        replies(&v).len(),
+        2,
+        "IPv6: a remote (SNAT) and a local backend: {v}"
+    );
     let v = f.tally_external(&[
         "--to",
         &format!("{node}:30053"),
