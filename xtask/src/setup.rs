@@ -26,6 +26,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter, mountpoint"),
     ("procps", "sysctl inside lab namespaces"),
     (
+        "openssl",
+        "certificates and tokens for the lab's Kubernetes control plane",
+    ),
+    (
         "llvm-22-dev",
         "bpf-linker links against LLVM 22 (rustc's LLVM)",
     ),
@@ -83,6 +87,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     bpf_linker(args, &mut report)?;
     mdbook(args, &mut report)?;
     bpffs(args, &mut report)?;
+    kubernetes(args, &mut report)?;
     println!("setup ({}):", util::elapsed(start));
     for (what, state) in &report.rows {
         println!("  {what:<18} {state}");
@@ -244,6 +249,44 @@ fn bpffs(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     } else {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
         report.installed("bpffs", "mounted /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+/// The Kubernetes control plane for the lab, built from the published Go
+/// modules by tools/k8s/build.sh (cached: a warm check is five `--version`s).
+fn kubernetes(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    use meshless_lab::control_plane::{K8S_VERSION, k8s_bin_dir};
+    let bin = k8s_bin_dir();
+    let version_ok = |b: &str, flag: &[&str], want: &str| {
+        output(Command::new(bin.join(b)).args(flag)).is_some_and(|v| v.contains(want))
+    };
+    let checks: [(&str, &[&str], &str); 5] = [
+        ("kube-apiserver", &["--version"], K8S_VERSION),
+        ("kube-controller-manager", &["--version"], K8S_VERSION),
+        ("kube-scheduler", &["--version"], K8S_VERSION),
+        ("kubectl", &["version", "--client"], K8S_VERSION),
+        ("etcd", &["--version"], "etcd Version"),
+    ];
+    let missing: Vec<&str> = checks
+        .iter()
+        .filter(|(b, flag, want)| !version_ok(b, flag, want))
+        .map(|(b, _, _)| *b)
+        .collect();
+    let what = format!("kubernetes {K8S_VERSION}");
+    if missing.is_empty() {
+        report.ok(&what, format!("{}", bin.display()));
+    } else if args.check {
+        report.missing(&what, missing.join(" "));
+    } else {
+        if output(Command::new("go").arg("version")).is_none() {
+            bail!("building the Kubernetes control plane needs Go (`go` on PATH)");
+        }
+        sh(Command::new("bash")
+            .arg(util::root().join("tools/k8s/build.sh"))
+            .args(&missing)
+            .env("MESHLESS_K8S_BIN", &bin))?;
+        report.installed(&what, missing.join(" "));
     }
     Ok(())
 }

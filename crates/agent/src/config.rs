@@ -67,6 +67,15 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
 
+    /// Watch Services and EndpointSlices through the Kubernetes API with this
+    /// kubeconfig (use --in-cluster inside a pod).
+    #[arg(long, env = "MESHLESS_KUBECONFIG", conflicts_with_all = ["manifests", "in_cluster"])]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Use the service account of the pod the agent runs in.
+    #[arg(long, env = "MESHLESS_IN_CLUSTER", conflicts_with = "manifests")]
+    pub in_cluster: bool,
+
     /// Read Services and EndpointSlices from the Kubernetes manifests
     /// (*.yaml, *.yml, *.json; multi-document) in this directory, and follow
     /// changes to it. Without it, no services are load balanced yet (the

@@ -25,10 +25,28 @@ use tokio::signal::unix::{SignalKind, signal};
 /// afterwards unless `--detach-on-exit` is set.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let source: Option<Box<dyn source::Source>> = config
-        .manifests
-        .as_ref()
-        .map(|d| Box::new(source::ManifestDir::new(d)) as Box<dyn source::Source>);
+    let source: Option<Box<dyn source::Source>> = if let Some(d) = &config.manifests {
+        Some(Box::new(source::ManifestDir::new(d)))
+    } else if config.kubeconfig.is_some() || config.in_cluster {
+        let kube_config = match &config.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(
+                    kc,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+            }
+            None => kube::Config::incluster().context("reading the in-cluster service account")?,
+        };
+        let client =
+            kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+        Some(Box::new(source::KubeSource::start(client)))
+    } else {
+        None
+    };
     run_with_source(config, source).await
 }
 

@@ -1,9 +1,13 @@
 //! Where cluster objects come from. The compilers only see
 //! [`ClusterObjects`]; a source decides when they changed.
 //!
-//! Two sources exist today: a directory of Kubernetes manifests (standalone
-//! use, the lab, benchmarks) and an in-process handle (tests). The
-//! Kubernetes API source will be a third implementation of [`Source`].
+//! Three sources exist: the Kubernetes API ([`KubeSource`]), a directory of
+//! Kubernetes manifests (standalone use, benchmarks) and an in-process
+//! handle (tests).
+
+mod kube;
+
+pub use self::kube::KubeSource;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

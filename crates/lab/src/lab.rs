@@ -231,14 +231,6 @@ impl Lab {
                 "link set br0 up".into(),
             ],
         )?;
-        let dev_settings = [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv6.conf.default.accept_dad", "0"),
-        ];
         let hosts: Vec<Host> = self
             .nodes
             .iter()
@@ -246,38 +238,7 @@ impl Lab {
             .cloned()
             .collect();
         for host in &hosts {
-            ip(None, &["netns", "add", &host.netns])?;
-            sysctls(&host.netns, &dev_settings)?;
-            let port = format!("f-{}", host.name);
-            ip(
-                Some(&fabric),
-                &[
-                    "link",
-                    "add",
-                    &port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &host.netns,
-                ],
-            )?;
-            ip_batch(&fabric, &[format!("link set {port} master br0 up")])?;
-            ip_batch(
-                &host.netns,
-                &[
-                    "link set lo up".into(),
-                    format!("addr add {}/{} dev eth0", host.ipv4, plan::FABRIC_PREFIX_V4),
-                    format!(
-                        "addr add {}/{} dev eth0 nodad",
-                        host.ipv6,
-                        plan::FABRIC_PREFIX_V6
-                    ),
-                    "link set eth0 up".into(),
-                ],
-            )?;
+            wire_host(&fabric, host)?;
         }
         // The external host reaches LoadBalancer addresses through node n1,
         // as if n1 announced the pool (LB-IPAM and announcements come later).
@@ -661,6 +622,51 @@ impl Lab {
         let _ignored = state::write(&self.info);
         self.info.clone()
     }
+}
+
+/// Creates a host's namespace and plugs it into the fabric bridge.
+pub(crate) fn wire_host(fabric: &str, host: &Host) -> Result<(), LabError> {
+    let dev_settings = [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+    ];
+    cgroup::create(&host.system_cgroup)?;
+    ip(None, &["netns", "add", &host.netns])?;
+    sysctls(&host.netns, &dev_settings)?;
+    let port = format!("f-{}", host.name);
+    ip(
+        Some(fabric),
+        &[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.netns,
+        ],
+    )?;
+    ip_batch(fabric, &[format!("link set {port} master br0 up")])?;
+    ip_batch(
+        &host.netns,
+        &[
+            "link set lo up".into(),
+            format!("addr add {}/{} dev eth0", host.ipv4, plan::FABRIC_PREFIX_V4),
+            format!(
+                "addr add {}/{} dev eth0 nodad",
+                host.ipv6,
+                plan::FABRIC_PREFIX_V6
+            ),
+            "link set eth0 up".into(),
+        ],
+    )
 }
 
 impl Drop for Lab {

@@ -15,12 +15,14 @@
 
 mod cgroup;
 mod cmd;
+pub mod control_plane;
 mod error;
 mod lab;
 pub mod plan;
 mod process;
 mod state;
 
+pub use control_plane::ControlPlane;
 pub use error::LabError;
 pub use lab::{Host, Lab, LabSpec, Pod, Routing, TeardownReport, destroy, list};
 pub use process::LabProcess;

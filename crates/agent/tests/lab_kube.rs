@@ -1,0 +1,164 @@
+//! Lab tier: the agent against a real Kubernetes control plane (etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler built from the
+//! published Go modules) in the lab.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshless_lab::{Lab, LabSpec, bin_path, require_root, unique_name};
+
+const T: Duration = Duration::from_secs(60);
+
+fn labtool() -> Command {
+    Command::new(bin_path("meshless-labtool"))
+}
+
+fn service_and_slice(endpoints: &[(&meshless_lab::Pod, &str)]) -> String {
+    let mut eps = String::new();
+    for (p, node) in endpoints {
+        eps += &format!(
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n  targetRef: {{kind: Pod, namespace: default, name: {}}}\n",
+            p.ipv4, p.name
+        );
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-manual\n  namespace: default\n  labels: {{kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: meshless-test}}\naddressType: IPv4\nendpoints:\n{eps}ports: [{{name: tcp, port: 8080, protocol: TCP}}]\n"
+    )
+}
+
+fn status(lab: &Lab) -> serde_json::Value {
+    std::fs::read(lab.node_state_dir(1).join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn replies(
+    lab: &Lab,
+    client: &meshless_lab::Pod,
+    count: u32,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut cmd = labtool();
+    cmd.args([
+        "tally",
+        "--to",
+        "198.19.0.10:80",
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = lab.run_in_pod(client, "tally", cmd, T).expect("tally");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(v["failed"], 0, "{v}");
+    v["replies"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls until `f` holds, failing with `what` after T.
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+#[test]
+#[ignore = "lab: needs root and the control plane `cargo xtask setup` builds"]
+fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
+    require_root();
+    let mut lab = Lab::create(LabSpec::new(unique_name("kube"))).expect("lab");
+    let client = lab.add_pod(1, "client").expect("client");
+    let b1 = lab.add_pod(2, "b1").expect("b1");
+    let b2 = lab.add_pod(2, "b2").expect("b2");
+    let mut servers = Vec::new();
+    for p in [&b1, &b2] {
+        let mut cmd = labtool();
+        cmd.args(["serve-id", "--listen", "[::]:8080", "--id", &p.name]);
+        servers.push(lab.spawn_in_pod(p, "serve-id", cmd).expect("serve-id"));
+    }
+    let mut cp = lab.start_control_plane().expect("control plane");
+    let n2 = lab.node_name(2);
+    cp.apply(&lab, &service_and_slice(&[(&b1, &n2)]))
+        .expect("apply web");
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let agent = std::path::Path::new(env!("CARGO_BIN_EXE_meshless-agent"));
+    let agent = lab
+        .start_agent_with(1, agent, &["--kubeconfig", &kubeconfig])
+        .expect("agent");
+    lab.wait_agent_ready(1, T).expect("agent ready");
+    let start = Instant::now();
+    // Two frontends: web and the API server's own `kubernetes` Service.
+    while status(&lab)["lb"]["frontends"] != 2 {
+        assert!(
+            start.elapsed() < T,
+            "the agent never installed web from the API; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(
+        replies(&lab, &client, 50)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["b1"]
+    );
+
+    // An endpoint change reaches the datapath promptly.
+    cp.apply(&lab, &service_and_slice(&[(&b1, &n2), (&b2, &n2)]))
+        .expect("add b2");
+    let took = eventually("b2 in the service map", Duration::from_secs(5), || {
+        status(&lab)["lb"]["backends"] == 2
+    });
+    assert!(
+        took < Duration::from_secs(1),
+        "EndpointSlice change took {took:?} to reach the maps"
+    );
+    assert_eq!(replies(&lab, &client, 100).len(), 2);
+
+    // A long-lived connection across an API server crash and restart.
+    let mut hold = labtool();
+    hold.args(["hold", "--to", "198.19.0.10:80", "--duration-ms", "6000"]);
+    let mut hold = lab.spawn_in_pod(&client, "hold", hold).expect("hold");
+    let generation = status(&lab)["lb"]["generation"].as_u64().unwrap_or(0);
+    cp.stop_apiserver().expect("kill kube-apiserver");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        replies(&lab, &client, 50).len(),
+        2,
+        "service still balanced without an API server"
+    );
+    assert_eq!(
+        status(&lab)["lb"]["frontends"],
+        2,
+        "nothing removed while the API is gone"
+    );
+    cp.start_apiserver(&lab).expect("restart kube-apiserver");
+    // The watch resumes (or re-lists) and the agent reconciles to a no-op.
+    eventually("the agent sees the API again", T, || {
+        let s = status(&lab);
+        s["lb"]["generation"].as_u64().unwrap_or(0) > generation
+            && s["lb"]["errors"].as_array().is_some_and(Vec::is_empty)
+    });
+    let lb = status(&lab)["lb"].clone();
+    assert_eq!(
+        lb["last_services_written"], 0,
+        "no map churn after the API server came back: {lb}"
+    );
+    assert_eq!(lb["frontends"], 2, "{lb}");
+    let out = hold.wait_success(T).expect("hold exits 0");
+    let h: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("JSON");
+    assert_eq!(
+        h["failed"], 0,
+        "the established connection lived through the API server restart: {h}"
+    );
+    assert_eq!(replies(&lab, &client, 50).len(), 2);
+}
