@@ -35,6 +35,10 @@ enum Cmd {
         /// Use the binaries already in target/debug (or $MESHLESS_BIN_DIR).
         #[arg(long)]
         skip_build: bool,
+        /// Also start a Kubernetes control plane (etcd, kube-apiserver,
+        /// controller-manager, scheduler) and point the agents at it.
+        #[arg(long)]
+        control_plane: bool,
     },
     /// Remove a lab and everything it created (processes, netns, links,
     /// bpffs pins, cgroups), also when its creator crashed.
@@ -69,42 +73,79 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             pods_per_node,
             no_agents,
             skip_build,
-        } => up(&name, nodes, routing, pods_per_node, no_agents, skip_build),
+            control_plane,
+        } => up(&Up {
+            name: &name,
+            nodes,
+            routing,
+            pods_per_node,
+            no_agents,
+            skip_build,
+            control_plane,
+        }),
         Cmd::Down { name, all, stale } => down(name.as_deref(), all, stale),
         Cmd::Status { name, output } => status(name.as_deref(), &output),
     }
 }
 
-fn up(
-    name: &str,
+struct Up<'a> {
+    name: &'a str,
     nodes: usize,
     routing: Routing,
     pods_per_node: usize,
     no_agents: bool,
     skip_build: bool,
-) -> anyhow::Result<()> {
+    control_plane: bool,
+}
+
+fn up(u: &Up<'_>) -> anyhow::Result<()> {
     util::require_root("cargo xtask lab up")?;
     let start = Instant::now();
-    let bins = util::build_bins(skip_build)?;
-    let mut lab = Lab::create(LabSpec::new(name).nodes(nodes).routing(routing))?;
-    for node in 1..=nodes {
-        for p in 1..=pods_per_node {
+    let bins = util::build_bins(u.skip_build)?;
+    let mut lab = Lab::create(LabSpec::new(u.name).nodes(u.nodes).routing(u.routing))?;
+    for node in 1..=u.nodes {
+        for p in 1..=u.pods_per_node {
             lab.add_pod(node, &format!("n{node}-p{p}"))?;
         }
     }
-    if !no_agents {
-        for node in 1..=nodes {
-            lab.start_agent(node, &bins.join("meshless-agent"))?
+    let cp = if u.control_plane {
+        Some(lab.start_control_plane()?)
+    } else {
+        None
+    };
+    if !u.no_agents {
+        let extra: Vec<String> = cp
+            .as_ref()
+            .map(|c| {
+                vec![
+                    "--kubeconfig".to_owned(),
+                    c.kubeconfig().display().to_string(),
+                ]
+            })
+            .unwrap_or_default();
+        for node in 1..=u.nodes {
+            lab.start_agent_with(node, &bins.join("meshless-agent"), &extra)?
                 .detach();
         }
-        for node in 1..=nodes {
+        for node in 1..=u.nodes {
             lab.wait_agent_ready(node, Duration::from_secs(30))?;
         }
     }
     print_lab(&lab);
+    if let Some(cp) = cp {
+        println!("KUBECONFIG={}", cp.kubeconfig().display());
+        println!(
+            "kubectl: {} (run it in a lab namespace: `cargo xtask kubectl --name {} -- get nodes`)",
+            cp.kubectl_bin().display(),
+            u.name
+        );
+        cp.detach();
+    }
     println!(
-        "lab {name} is up ({}). Remove it with: cargo xtask lab down --name {name}",
-        util::elapsed(start)
+        "lab {} is up ({}). Remove it with: cargo xtask lab down --name {}",
+        u.name,
+        util::elapsed(start),
+        u.name
     );
     lab.keep();
     Ok(())
@@ -256,6 +297,73 @@ fn status(name: Option<&str>, output: &str) -> anyhow::Result<()> {
     }
     if labs.iter().any(meshless_lab::LabInfo::is_stale) {
         println!("stale labs belong to crashed runs: cargo xtask lab down --stale");
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KubectlArgs {
+    /// The lab (default: the only lab with a control plane).
+    #[arg(long)]
+    name: Option<String>,
+    /// Arguments for kubectl.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// Runs kubectl inside the lab's control-plane namespace (the only place,
+/// with the nodes, from which the API server is reachable).
+pub fn kubectl(a: &KubectlArgs) -> anyhow::Result<()> {
+    let has_cp = |lab: &str| {
+        std::path::Path::new(meshless_lab::plan::RUN_DIR)
+            .join(lab)
+            .join("cp/admin.kubeconfig")
+            .exists()
+    };
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let with: Vec<String> = meshless_lab::list()
+                .into_iter()
+                .map(|l| l.name)
+                .filter(|n| has_cp(n))
+                .collect();
+            match with.as_slice() {
+                [one] => one.clone(),
+                [] => bail!(
+                    "no lab has a control plane; start one with `cargo xtask lab up --control-plane`"
+                ),
+                many => bail!(
+                    "several labs have a control plane ({}); pick one with --name",
+                    many.join(", ")
+                ),
+            }
+        }
+    };
+    if !has_cp(&name) {
+        bail!(
+            "lab {name} has no control plane (`cargo xtask lab up --name {name} --control-plane`)"
+        );
+    }
+    let kubeconfig = std::path::Path::new(meshless_lab::plan::RUN_DIR)
+        .join(&name)
+        .join("cp/admin.kubeconfig");
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}{name}-cp", meshless_lab::plan::NETNS_PREFIX),
+        ])
+        .arg(meshless_lab::control_plane::k8s_bin_dir().join("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(&a.args)
+        .status()
+        .context("running kubectl")?;
+    if !status.success() {
+        return Err(anyhow::Error::new(util::ExitCode(
+            u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+        ))
+        .context("kubectl failed"));
     }
     Ok(())
 }

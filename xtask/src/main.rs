@@ -6,6 +6,7 @@
     reason = "xtask is a CLI; stdout is its interface"
 )]
 
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -32,6 +33,10 @@ enum Cmd {
     Demo(demo::Args),
     /// Every check: fmt, clippy, docs, unit, privileged and lab tiers.
     Test(test::Args),
+    /// Benchmarks: print a table, write target/bench/<name>.json.
+    Bench(bench::Args),
+    /// Run the lab control plane's kubectl against a lab (`-- ARGS`).
+    Kubectl(lab::KubectlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +46,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Lab(a) => lab::run(a),
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Test(a) => test::run(&a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Kubectl(a) => lab::kubectl(&a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

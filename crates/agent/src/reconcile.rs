@@ -88,7 +88,11 @@ pub struct LbState {
     backends: BTreeMap<Backend, u32>,
     installed: BTreeMap<ServiceKey, Installed>,
     service_ids: BTreeMap<ServiceKey, u32>,
-    next_set: u32,
+    /// Id allocators: every id a map entry (or a retired entry) still uses
+    /// is taken, so allocation is O(log n), not a scan of all services.
+    set_pool: IdPool,
+    backend_pool: IdPool,
+    service_pool: IdPool,
     /// Sets and backends no service points at any more. A connect() that
     /// read the old service value a moment ago may still look them up, so
     /// they are deleted only after a grace period ([`LbState::flush_retired`]).
@@ -100,9 +104,30 @@ pub struct LbState {
 /// single BPF program run, short enough not to matter for capacity.
 const GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
-fn next_free(used: impl Iterator<Item = u32>) -> u32 {
-    let used: BTreeSet<u32> = used.collect();
-    (1..).find(|i| !used.contains(i)).unwrap_or(u32::MAX)
+/// Ids from 1 up, reused only after release; allocation walks forward from
+/// the last id handed out, so it is O(log n) amortised.
+#[derive(Debug, Default)]
+struct IdPool {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdPool {
+    fn alloc(&mut self) -> u32 {
+        loop {
+            self.next = self.next.wrapping_add(1).max(1);
+            if self.used.insert(self.next) {
+                return self.next;
+            }
+        }
+    }
+    fn take(&mut self, id: u32) {
+        self.used.insert(id);
+        self.next = self.next.max(id);
+    }
+    fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
 }
 
 impl LbState {
@@ -111,6 +136,7 @@ impl LbState {
         let mut state = Self::default();
         for (id, backend) in maps.backends()? {
             state.backends.insert(backend, id);
+            state.backend_pool.take(id);
         }
         for (key, value) in maps.services()? {
             let slots = maps.read_set(value.set_id, value.slots)?;
@@ -119,7 +145,8 @@ impl LbState {
             } else {
                 None
             };
-            state.next_set = state.next_set.max(value.set_id);
+            state.set_pool.take(value.set_id);
+            state.service_pool.take(value.service_id);
             state.service_ids.insert(key, value.service_id);
             state.installed.insert(
                 key,
@@ -153,6 +180,7 @@ impl LbState {
         self.retired_sets = keep;
         for (_, set) in old {
             release(w, &set);
+            self.set_pool.release(set.value.set_id);
         }
         let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired_backends)
             .into_iter()
@@ -162,27 +190,13 @@ impl LbState {
             let _ignored = w
                 .remove_backend(id)
                 .map_err(|e| tracing::warn!(backend = id, error = %e, "removing backend"));
+            self.backend_pool.release(id);
         }
     }
 
     /// True while something waits for its grace period.
     pub fn has_retired(&self) -> bool {
         !self.retired_sets.is_empty() || !self.retired_backends.is_empty()
-    }
-
-    fn alloc_set(&mut self) -> u32 {
-        let in_use: BTreeSet<u32> = self
-            .installed
-            .values()
-            .chain(self.retired_sets.iter().map(|(_, i)| i))
-            .map(|i| i.value.set_id)
-            .collect();
-        loop {
-            self.next_set = self.next_set.wrapping_add(1).max(1);
-            if !in_use.contains(&self.next_set) {
-                return self.next_set;
-            }
-        }
     }
 
     fn backend_id<W: LbWriter>(
@@ -194,13 +208,11 @@ impl LbState {
         if let Some(id) = self.backends.get(b) {
             return Ok(*id);
         }
-        let id = next_free(
-            self.backends
-                .values()
-                .copied()
-                .chain(self.retired_backends.iter().map(|(_, id)| *id)),
-        );
-        w.put_backend(id, b).map_err(err::<W>)?;
+        let id = self.backend_pool.alloc();
+        if let Err(e) = w.put_backend(id, b) {
+            self.backend_pool.release(id);
+            return Err(err::<W>(e));
+        }
         report.backends_written += 1;
         self.backends.insert(*b, id);
         Ok(id)
@@ -241,7 +253,9 @@ impl LbState {
             if let Some(old) = self.installed.remove(&key) {
                 self.retired_sets.push((std::time::Instant::now(), old));
             }
-            self.service_ids.remove(&key);
+            if let Some(id) = self.service_ids.remove(&key) {
+                self.service_pool.release(id);
+            }
             report.services_removed += 1;
         }
         // Backends no set refers to any more.
@@ -284,7 +298,7 @@ impl LbState {
             .map(|t| t.iter().map(|i| ids[*i as usize]).collect());
         let service_id = match self.service_ids.get(key) {
             Some(id) => *id,
-            None => next_free(self.service_ids.values().copied()),
+            None => self.service_pool.alloc(),
         };
         let shape = |set_id| ServiceValue {
             set_id,
@@ -301,21 +315,33 @@ impl LbState {
         {
             return Ok(false);
         }
-        let set_id = self.alloc_set();
+        let set_id = self.set_pool.alloc();
         let value = shape(set_id);
-        w.write_set(set_id, &slots).map_err(err::<W>)?;
-        if let Some(table) = &maglev
-            && let Err(e) = w.write_maglev(set_id, table)
-        {
-            w.delete_set(set_id, value.slots);
-            return Err(err::<W>(e));
-        }
-        if let Err(e) = w.put_service(key, &value) {
-            w.delete_set(set_id, value.slots);
-            if let Some(t) = &maglev {
-                w.delete_maglev(set_id, u32::try_from(t.len()).unwrap_or(u32::MAX));
+        let written = w
+            .write_set(set_id, &slots)
+            .map_err(err::<W>)
+            .and_then(|()| {
+                if let Some(table) = &maglev
+                    && let Err(e) = w.write_maglev(set_id, table)
+                {
+                    w.delete_set(set_id, value.slots);
+                    return Err(err::<W>(e));
+                }
+                w.put_service(key, &value).map_err(|e| {
+                    w.delete_set(set_id, value.slots);
+                    if let Some(t) = &maglev {
+                        w.delete_maglev(set_id, u32::try_from(t.len()).unwrap_or(u32::MAX));
+                    }
+                    err::<W>(e)
+                })
+            });
+        if let Err(e) = written {
+            // Nothing of this frontend was applied: give the ids back.
+            self.set_pool.release(set_id);
+            if !self.service_ids.contains_key(key) {
+                self.service_pool.release(service_id);
             }
-            return Err(err::<W>(e));
+            return Err(e);
         }
         self.service_ids.insert(*key, service_id);
         if let Some(old) = self.installed.insert(
