@@ -280,6 +280,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "   {:<50} {:>8}",
         "UDP packets client -> backends (TC on its device)", udp_to_backends
     );
+    let st = meshless_maps::DatapathState::open(&lab.pin_dir(1))?.counts()?;
+    println!(
+        "   {:<50} {:>8}",
+        "conntrack entries (north-south, both directions)",
+        st.conntrack4 + st.conntrack6
+    );
+    println!(
+        "   {:<50} {:>8}",
+        "sockets shown with the service address (LRU)", st.rev_nat
+    );
 
     println!("\n== 5. checks");
     let mut checks: Vec<(String, bool)> = Vec::new();
@@ -315,6 +325,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     checks.push((
         "UDP answers came from the service address".to_owned(),
         wrong == 0,
+    ));
+    let flows = 2 * n as usize;
+    checks.push((
+        format!("conntrack holds both directions of the {flows} north-south flows"),
+        st.conntrack4 >= 2 * flows && st.conntrack_replies >= flows,
     ));
     let mut bad = 0;
     for (what, ok) in &checks {

@@ -10,8 +10,10 @@ mod counters;
 mod error;
 mod lb;
 mod pin;
+mod state;
 
 pub use counters::{FlowCount, PacketCounters, Stats};
 pub use error::MapsError;
 pub use lb::{Capacity, LbMaps};
 pub use pin::{BPFFS_ROOT, is_bpffs, node_pin_dir};
+pub use state::{DatapathState, StateCounts};
