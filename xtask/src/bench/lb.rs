@@ -323,7 +323,7 @@ fn meshless_update_timings(
         })
         .collect::<anyhow::Result<_>>()?;
     // Cheap operations: take enough samples for a p99.
-    let reps = reps.max(200).min(250);
+    let reps = reps.clamp(200, 250);
     let mut add = Vec::with_capacity(reps);
     let mut remove = Vec::with_capacity(reps);
     for i in 0..reps {
