@@ -17,6 +17,7 @@ mod cgroup;
 mod cmd;
 pub mod control_plane;
 mod error;
+mod kubelet_host;
 mod lab;
 pub mod plan;
 mod process;

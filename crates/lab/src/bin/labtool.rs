@@ -82,6 +82,15 @@ enum Cmd {
         #[arg(long)]
         id: String,
     },
+    /// Minimal HTTP/1.1 server (the lab kubelet's `meshless.dev/echo`
+    /// image): every request gets 200 and a JSON body naming the pod
+    /// ($POD_NAME, else $HOSTNAME), its namespace ($POD_NAMESPACE), the
+    /// address that answered and the request headers. One request per
+    /// connection (`Connection: close`).
+    HttpEcho {
+        #[arg(long, default_value = "[::]:8080")]
+        listen: SocketAddr,
+    },
     /// Make COUNT connections (or UDP exchanges) to a `serve-id` server and
     /// count which identity answered each; prints JSON.
     Tally {
@@ -146,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Cmd::HoldLab { name } => hold_lab(&name),
         Cmd::ServeId { listen, id } => serve_id(listen, &id),
+        Cmd::HttpEcho { listen } => http_echo(listen),
         Cmd::Tally {
             to,
             count,
@@ -369,6 +379,57 @@ fn serve_id(listen: SocketAddr, id: &str) -> anyhow::Result<()> {
             }
         });
     }
+    Ok(())
+}
+
+fn http_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let pod = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding tcp {listen}"))?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (pod, namespace) = (pod.clone(), namespace.clone());
+        std::thread::spawn(move || {
+            let _ignored = http_echo_one(stream, &pod, &namespace);
+        });
+    }
+    Ok(())
+}
+
+fn http_echo_one(mut stream: TcpStream, pod: &str, namespace: &str) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&req);
+    let headers: serde_json::Map<String, serde_json::Value> = text
+        .split("\r\n")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().into()))
+        .collect();
+    let ip = stream.local_addr()?.ip().to_canonical().to_string();
+    let body = serde_json::json!({
+        "pod": pod,
+        "namespace": namespace,
+        "ip": ip,
+        "headers": headers,
+    })
+    .to_string();
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes())?;
     Ok(())
 }
 
