@@ -118,13 +118,40 @@ pub fn is_netns_of(lab: &str, netns: &str) -> bool {
 /// Host-side device of a pod, unique within its node: `ml` + 8 hex digits of
 /// a hash of the pod name (interface names are limited to 15 bytes).
 pub fn pod_device(pod: &str) -> String {
-    // FNV-1a: stable across releases, unlike std's DefaultHasher.
+    format!("{POD_DEVICE_PREFIX}{:08x}", fnv(pod))
+}
+
+/// FNV-1a: stable across releases, unlike std's DefaultHasher.
+fn fnv(s: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
-    for b in pod.bytes() {
+    for b in s.bytes() {
         hash ^= u32::from(b);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    format!("{POD_DEVICE_PREFIX}{hash:08x}")
+    hash
+}
+
+/// Longest netns name the lab kubelet creates.
+const MAX_KUBELET_NETNS: usize = 100;
+
+/// The network namespace the lab kubelet gives a Kubernetes pod:
+/// `ml-<lab>-n<i>-<pod>` in `default`, `ml-<lab>-n<i>-<ns>-<pod>` otherwise;
+/// longer names are cut and end in a hash. The `ml-<lab>-` prefix is what
+/// lets the lab's teardown find them.
+pub fn kubelet_pod_netns(lab: &str, index: usize, namespace: &str, pod: &str) -> String {
+    let base = node_netns(lab, index);
+    let full = if namespace == "default" {
+        format!("{base}-{pod}")
+    } else {
+        format!("{base}-{namespace}-{pod}")
+    };
+    if full.len() <= MAX_KUBELET_NETNS {
+        return full;
+    }
+    let hash = format!("-{:08x}", fnv(&format!("{namespace}/{pod}")));
+    let mut cut = full;
+    cut.truncate(MAX_KUBELET_NETNS - hash.len());
+    cut + &hash
 }
 
 fn node_octet(index: usize) -> u8 {

@@ -17,37 +17,7 @@ use nix::unistd::Pid;
 
 use crate::context::Ctx;
 
-/// Longest netns name we create (the lab keeps names short and readable).
-const MAX_NETNS: usize = 100;
-
-/// FNV-1a, stable across releases (like the lab's device names).
-fn fnv(s: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash
-}
-
-/// `ml-<lab>-n<i>-<pod>` for pods in `default`, `ml-<lab>-n<i>-<ns>-<pod>`
-/// otherwise; names over [`MAX_NETNS`] are cut and end in a hash. The
-/// `ml-<lab>-` prefix is what lets the lab's teardown find them.
-pub fn netns_name(lab: &str, index: usize, namespace: &str, pod: &str) -> String {
-    let base = plan::node_netns(lab, index);
-    let full = if namespace == "default" {
-        format!("{base}-{pod}")
-    } else {
-        format!("{base}-{namespace}-{pod}")
-    };
-    if full.len() <= MAX_NETNS {
-        return full;
-    }
-    let hash = format!("-{:08x}", fnv(&format!("{namespace}/{pod}")));
-    let mut cut = full;
-    cut.truncate(MAX_NETNS - hash.len());
-    cut + &hash
-}
+pub use meshless_lab::plan::kubelet_pod_netns as netns_name;
 
 pub fn netns_path(netns: &str) -> PathBuf {
     Path::new("/run/netns").join(netns)
