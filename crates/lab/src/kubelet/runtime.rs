@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use meshless_lab::plan;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
