@@ -32,6 +32,9 @@ pub struct Args {
     /// Use the binaries already built (target/debug or $MESHLESS_BIN_DIR).
     #[arg(long)]
     skip_build: bool,
+    /// Only the first part (standalone nodes); skip the Kubernetes part.
+    #[arg(long)]
+    skip_kubernetes: bool,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -93,15 +96,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     util::require_root("cargo xtask demo")?;
     let bins = util::build_bins(args.skip_build)?;
-    if let Some(old) = meshless_lab::list().into_iter().find(|l| l.name == LAB) {
-        ensure!(
-            old.is_stale(),
-            "a lab named {LAB} is in use (owner pid {:?}); wait for it or run `cargo xtask lab down --name {LAB}`",
-            old.owner_pid
-        );
-        println!("removing the stale lab {LAB} of an earlier, interrupted demo");
-        meshless_lab::destroy(LAB)?;
-    }
+    clear_stale(LAB)?;
 
     println!(
         "\n== 1. a two-node lab ({} routing) in network namespaces",
@@ -339,11 +334,193 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     drop(servers);
     drop(lab);
     println!("\n== 6. lab {LAB} removed (namespaces, links, pins, cgroups, processes)");
+    if !args.skip_kubernetes {
+        bad += kubernetes(&bins)?;
+    }
     if bad > 0 {
         bail!("{bad} check(s) failed");
     }
     println!("demo passed in {}", util::elapsed(start));
     Ok(())
+}
+
+/// Removes a lab of an earlier, interrupted demo; refuses one that is in use.
+fn clear_stale(name: &str) -> anyhow::Result<()> {
+    if let Some(old) = meshless_lab::list().into_iter().find(|l| l.name == name) {
+        ensure!(
+            old.is_stale(),
+            "a lab named {name} is in use (owner pid {:?}); wait for it or run `cargo xtask lab down --name {name}`",
+            old.owner_pid
+        );
+        println!("removing the stale lab {name} of an earlier, interrupted demo");
+        meshless_lab::destroy(name)?;
+    }
+    Ok(())
+}
+
+const KLAB: &str = "demokube";
+
+/// Part two: the same datapath driven by a real Kubernetes control plane.
+/// Returns the number of failed checks.
+fn kubernetes(bins: &std::path::Path) -> anyhow::Result<usize> {
+    clear_stale(KLAB)?;
+    println!(
+        "\n== 7. the same on Kubernetes {}: control plane, kubelet + meshless-cni, agents, operator",
+        meshless_lab::control_plane::K8S_VERSION
+    );
+    let mut lab = Lab::create(LabSpec::new(KLAB))?;
+    let cp = lab.start_control_plane()?;
+    let kubectl = |args: &[&str]| cp.kubectl(&lab, args);
+    kubectl(&["create", "namespace", "meshless-system"])?;
+    let kubeconfig = cp.kubeconfig().to_path_buf();
+    let kc = kubeconfig.display().to_string();
+    let mut procs = Vec::new();
+    for node in 1..=2 {
+        procs.push(lab.start_kubelet(
+            node,
+            &bins.join("meshless-lab-kubelet"),
+            &bins.join("meshless-cni"),
+            &kubeconfig,
+        )?);
+        procs.push(lab.start_agent_with(
+            node,
+            &bins.join("meshless-agent"),
+            &["--kubeconfig", &kc],
+        )?);
+    }
+    let mut op = Command::new(bins.join("meshless-operator"));
+    op.args([
+        "--kubeconfig",
+        &kc,
+        "--id",
+        "demo",
+        "--lb-pool",
+        "198.18.1.0/24,fd00:d::/112",
+    ]);
+    procs.push(lab.spawn_on_host(lab.node(1), "operator", op)?);
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "node",
+        "--all",
+        "--timeout=60s",
+    ])?;
+    let deadline = Instant::now() + T;
+    while kubectl(&["get", "serviceaccount", "default"]).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "the controller-manager never created default/default"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("   $ kubectl apply -f examples/kubernetes/web.yaml");
+    let web = std::fs::read_to_string(util::root().join("examples/kubernetes/web.yaml"))?;
+    cp.apply(&lab, &web)?;
+    kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?;
+    let lb_ip = loop {
+        let ip = kubectl(&[
+            "get",
+            "service",
+            "web",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ])?;
+        if !ip.trim().is_empty() {
+            break ip.trim().to_owned();
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "meshless-operator never gave web an address"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for line in kubectl(&["get", "pods,services", "-o", "wide"])?.lines() {
+        println!("   {line}");
+    }
+    // Give the agents a moment to see the last endpoint of the rollout.
+    std::thread::sleep(Duration::from_millis(500));
+    print_services(&lab)?;
+
+    println!("\n== 8. traffic from outside the cluster to the LoadBalancer address {lb_ip}");
+    let mut answered: BTreeMap<String, u32> = BTreeMap::new();
+    let tries = 30;
+    for _ in 0..tries {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "3", &format!("http://{lb_ip}/")]);
+        let body = lab
+            .spawn_on_host(lab.external(), "curl", curl)?
+            .wait_success(Duration::from_secs(10))?;
+        let v: serde_json::Value =
+            serde_json::from_str(body.trim()).with_context(|| format!("echo answered {body:?}"))?;
+        *answered
+            .entry(v["pod"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    for (pod, n) in &answered {
+        println!("   {pod:<28} answered {n}");
+    }
+    println!("\n== 9. scale to 1 replica; the BPF service map follows the EndpointSlice");
+    kubectl(&["scale", "deployment/web", "--replicas=1"])?;
+    let vip: std::net::Ipv4Addr =
+        kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])?
+            .trim()
+            .parse()?;
+    let started = Instant::now();
+    let backends = loop {
+        let n = backends_of(&lab, vip)?;
+        if n == 1 || started.elapsed() > Duration::from_secs(30) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "   {vip}:80 has {backends} backend(s) in the map on n1, {:.1}s after `kubectl scale`",
+        started.elapsed().as_secs_f64()
+    );
+
+    println!("\n== 10. checks");
+    let total: u32 = answered.values().sum();
+    let checks = [
+        (
+            format!("web got {lb_ip} from the operator's pool 198.18.1.0/24"),
+            lb_ip.starts_with("198.18.1."),
+        ),
+        (
+            format!("{total}/{tries} requests answered through the LoadBalancer address"),
+            total == tries,
+        ),
+        (
+            format!("{} pods answered (spread by the datapath)", answered.len()),
+            answered.len() >= 2,
+        ),
+        (
+            "after scaling to 1, the map holds exactly 1 backend".to_owned(),
+            backends == 1,
+        ),
+    ];
+    let mut bad = 0;
+    for (what, ok) in &checks {
+        bad += usize::from(!ok);
+        println!("   {} {what}", if *ok { "ok  " } else { "FAIL" });
+    }
+    drop(procs);
+    drop(cp);
+    drop(lab);
+    println!("\n== 11. lab {KLAB} removed");
+    Ok(bad)
+}
+
+/// Distinct IPv4 backends of `vip:80/tcp` in n1's maps.
+fn backends_of(lab: &Lab, vip: std::net::Ipv4Addr) -> anyhow::Result<usize> {
+    let maps = LbMaps::open(&lab.pin_dir(1))?;
+    let Some((_, v)) = maps.services()?.into_iter().find(|(k, _)| {
+        k.family == meshless_common::family::IPV4 && k.addr[..4] == vip.octets() && k.port == 80
+    }) else {
+        return Ok(0);
+    };
+    let slots: std::collections::BTreeSet<u32> =
+        maps.read_set(v.set_id, v.slots)?.into_iter().collect();
+    Ok(slots.len())
 }
 
 fn wait_frontends(lab: &Lab, node: usize) -> anyhow::Result<()> {

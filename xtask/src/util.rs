@@ -81,7 +81,13 @@ pub fn build_bins(skip: bool) -> anyhow::Result<PathBuf> {
         run(Command::new("cargo").args(["build", "--quiet", "--bins"]))?;
     }
     let dir = bin_dir();
-    for bin in ["meshless-agent", "meshless-labtool"] {
+    for bin in [
+        "meshless-agent",
+        "meshless-labtool",
+        "meshless-cni",
+        "meshless-operator",
+        "meshless-lab-kubelet",
+    ] {
         if !dir.join(bin).exists() {
             bail!(
                 "{} is missing; run `cargo build --bins`",
