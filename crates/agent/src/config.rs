@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
 
+    /// Serve /healthz, /readyz and /status on this address (in the node's
+    /// network namespace), for the DaemonSet's probes.
+    #[arg(long, env = "MESHLESS_HEALTH_ADDR")]
+    pub health_addr: Option<std::net::SocketAddr>,
+
     /// Watch Services and EndpointSlices through the Kubernetes API with this
     /// kubeconfig (use --in-cluster inside a pod).
     #[arg(long, env = "MESHLESS_KUBECONFIG", conflicts_with_all = ["manifests", "in_cluster"])]

@@ -8,6 +8,7 @@
 
 mod config;
 mod datapath;
+pub mod health;
 pub mod reconcile;
 pub mod source;
 mod status;
@@ -148,6 +149,15 @@ pub async fn run_with_source(
             .attach_external(dev)
             .context("attaching the north-south path")?;
     }
+    let probes = health::new();
+    if let Some(addr) = config.health_addr {
+        let p = std::sync::Arc::clone(&probes);
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, p).await {
+                tracing::error!(%addr, error = %e, "health endpoints failed");
+            }
+        });
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(config.rescan_interval_ms));
@@ -165,6 +175,11 @@ pub async fn run_with_source(
                 if let Err(err) = status::write(&config, &st) {
                     tracing::warn!(error = %err, "writing the status file");
                 }
+                let ready = match &lb {
+                    Some(l) if l.status.generation == 0 => Err("waiting for the first list of Services and EndpointSlices".to_owned()),
+                    _ => Ok(()),
+                };
+                health::update(&probes, ready, serde_json::to_string(&st).unwrap_or_default());
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -110,6 +110,24 @@ fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
             .collect::<Vec<_>>(),
         ["b1"]
     );
+    // The probes a DaemonSet would use, on the node's loopback.
+    for path in ["/healthz", "/readyz"] {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:9876{path}"),
+        ]);
+        let code = lab
+            .spawn_on_host(lab.node(1), "curl", curl)
+            .expect("curl")
+            .wait_success(T)
+            .expect("curl runs");
+        assert_eq!(code.trim(), "200", "{path}");
+    }
 
     // An endpoint change reaches the datapath promptly.
     cp.apply(&lab, &service_and_slice(&[(&b1, &n2), (&b2, &n2)]))

@@ -142,6 +142,10 @@ fn leftovers(lab: &str) -> Vec<String> {
     found
 }
 
+/// Where the lab's agents serve /healthz, /readyz and /status (inside each
+/// node's network namespace).
+pub const AGENT_HEALTH_ADDR: &str = "127.0.0.1:9876";
+
 /// Where meshless-agent pins node maps (`/sys/fs/bpf/meshless`).
 pub(crate) const BPFFS_ROOT: &str = "/sys/fs/bpf/meshless";
 
@@ -571,7 +575,10 @@ impl Lab {
             .arg("--pod-device-prefix")
             .arg(plan::POD_DEVICE_PREFIX)
             .arg("--state-dir")
-            .arg(self.node_state_dir(index));
+            .arg(self.node_state_dir(index))
+            // Each node has its own loopback, so the same port everywhere.
+            .arg("--health-addr")
+            .arg(AGENT_HEALTH_ADDR);
         self.spawn_on_host(self.node(index), "agent", cmd)
     }
 
