@@ -156,28 +156,9 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<u32> {
             // SAFETY: helper call.
             unsafe { bpf_get_socket_cookie(ctx.as_ptr_mut()) }
         };
-        let h = mix(client ^ salt.rotate_left(32));
-        let index = (h % u64::from(svc.maglev_size)) as u32;
-        // SAFETY: lookup result copied out immediately.
-        unsafe {
-            MAGLEV.get(SlotKey {
-                set_id: svc.set_id,
-                index,
-            })
-        }
-        .copied()
+        maglev_pick(svc, mix(client ^ salt.rotate_left(32)))
     } else {
-        // SAFETY: helper call.
-        let r = unsafe { bpf_get_prandom_u32() };
-        let index = r % svc.slots;
-        // SAFETY: lookup result copied out immediately.
-        unsafe {
-            SLOTS.get(SlotKey {
-                set_id: svc.set_id,
-                index,
-            })
-        }
-        .copied()
+        random_pick(svc)
     };
     if let Some(id) = id
         && svc.flags & lb::FLAG_AFFINITY != 0
@@ -193,6 +174,35 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<u32> {
         );
     }
     id
+}
+
+/// The backend id the service's Maglev table holds for `hash`.
+#[inline(always)]
+pub(crate) fn maglev_pick(svc: &ServiceValue, hash: u64) -> Option<u32> {
+    let index = (hash % u64::from(svc.maglev_size)) as u32;
+    // SAFETY: lookup result copied out immediately.
+    unsafe {
+        MAGLEV.get(SlotKey {
+            set_id: svc.set_id,
+            index,
+        })
+    }
+    .copied()
+}
+
+/// The backend id of a uniformly random slot of the service's set.
+#[inline(always)]
+pub(crate) fn random_pick(svc: &ServiceValue) -> Option<u32> {
+    // SAFETY: helper call.
+    let r = unsafe { bpf_get_prandom_u32() };
+    // SAFETY: lookup result copied out immediately.
+    unsafe {
+        SLOTS.get(SlotKey {
+            set_id: svc.set_id,
+            index: r % svc.slots,
+        })
+    }
+    .copied()
 }
 
 /// splitmix64 finaliser: a cheap, well-mixed 64-bit hash.

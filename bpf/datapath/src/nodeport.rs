@@ -22,12 +22,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use meshless_common::{
-    Backend, CtKey4, CtKey6, CtValue4, CtValue6, NodeConfig, ServiceKey, SlotKey, capacity, ct,
-    family, lb, stat,
+    Backend, CtKey4, CtKey6, CtValue4, CtValue6, NodeConfig, ServiceKey, capacity, ct, family, lb,
+    stat,
 };
 
 use crate::bump;
-use crate::lb::{BACKENDS, MAGLEV, SERVICES, SLOTS};
+use crate::lb::{BACKENDS, SERVICES, maglev_pick, random_pick};
 
 #[map(name = "ml_ct4")]
 static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(capacity::CT4, 0);
@@ -608,26 +608,9 @@ fn try_nodeport<A: Af>(ctx: &TcContext) -> Option<i32> {
     }
     let id = if svc.flags & lb::FLAG_MAGLEV != 0 && svc.maglev_size != 0 {
         // The same flow maps to the same backend on every node.
-        let index = (A::hash(&flow) % u64::from(svc.maglev_size)) as u32;
-        // SAFETY: lookup result copied out immediately.
-        unsafe {
-            MAGLEV.get(SlotKey {
-                set_id: svc.set_id,
-                index,
-            })
-        }
-        .copied()
+        maglev_pick(&svc, A::hash(&flow))
     } else {
-        // SAFETY: helper call.
-        let r = unsafe { bpf_get_prandom_u32() };
-        // SAFETY: lookup result copied out immediately.
-        unsafe {
-            SLOTS.get(SlotKey {
-                set_id: svc.set_id,
-                index: r % svc.slots,
-            })
-        }
-        .copied()
+        random_pick(&svc)
     };
     let Some(id) = id else {
         bump(stat::LB_MISSING_ENTRY);

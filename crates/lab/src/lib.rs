@@ -26,7 +26,7 @@ mod state;
 pub use control_plane::ControlPlane;
 pub use error::LabError;
 pub use lab::{Host, Lab, LabSpec, Pod, Routing, TeardownReport, destroy, list};
-pub use process::LabProcess;
+pub use process::{LabProcess, join_before_exec};
 pub use state::LabInfo;
 
 /// True when this process can create namespaces and load BPF (root).

@@ -76,13 +76,19 @@ pub(crate) fn spawn(
     })
 }
 
-/// Makes the child join the cgroup (`procs_fd` = its cgroup.procs) and the
-/// network namespace (`ns_fd`) between fork and exec.
+/// Makes the child join the cgroup (`procs_fd` = an open `cgroup.procs`) and
+/// the network namespace (`ns_fd` = an open `/run/netns/<name>`) between fork
+/// and exec. Both descriptors must stay open until the child is spawned.
+/// Shared by the lab's own processes and the lab kubelet's containers.
 #[allow(
     unsafe_code,
     reason = "pre_exec is unsafe: the closure runs between fork and exec"
 )]
-fn join_before_exec(cmd: &mut Command, ns_fd: std::os::fd::RawFd, procs_fd: std::os::fd::RawFd) {
+pub fn join_before_exec(
+    cmd: &mut Command,
+    ns_fd: std::os::fd::RawFd,
+    procs_fd: std::os::fd::RawFd,
+) {
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe calls (getpid, write, setns) on descriptors that the
     // caller keeps open until the child has been spawned; it allocates nothing.

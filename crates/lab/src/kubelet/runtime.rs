@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -238,45 +237,7 @@ pub fn spawn(
     Ok(child)
 }
 
-/// Writes `n` in decimal into `buf` without allocating (usable after fork).
-fn fmt_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
-/// The lab's `process::spawn` does the same for lab pods; it is private to
-/// the library, and a binary cannot reach it.
-#[allow(
-    unsafe_code,
-    reason = "pre_exec is unsafe: the closure runs between fork and exec"
-)]
-fn join_before_exec(cmd: &mut Command, ns_fd: std::os::fd::RawFd, procs_fd: std::os::fd::RawFd) {
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe calls (getpid, write, setns) on descriptors that the
-    // caller keeps open until the child has been spawned; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut buf = [0u8; 10];
-            let pid = u32::try_from(libc::getpid()).unwrap_or(0);
-            let digits = fmt_u32(pid, &mut buf);
-            if libc::write(procs_fd, digits.as_ptr().cast(), digits.len()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+use meshless_lab::join_before_exec;
 
 #[cfg(test)]
 mod tests {
