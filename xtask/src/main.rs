@@ -28,8 +28,9 @@ enum Cmd {
     Setup(setup::Args),
     /// Bring up, inspect or remove a lab (nodes and pods in network namespaces).
     Lab(lab::Args),
-    /// Two-node lab, agents on both nodes, traffic between pods, and what the
-    /// datapath counted, checked against what was sent. Leaves nothing behind.
+    /// Service load balancing end to end on the lab: standalone nodes first,
+    /// then on a real Kubernetes control plane; what the datapath did, checked
+    /// against what was sent. Leaves nothing behind.
     Demo(demo::Args),
     /// Every check: fmt, clippy, docs, unit, privileged and lab tiers.
     Test(test::Args),
