@@ -30,6 +30,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "certificates and tokens for the lab's Kubernetes control plane",
     ),
     (
+        "curl",
+        "HTTP requests in the Kubernetes lab tests and the demo",
+    ),
+    (
         "llvm-22-dev",
         "bpf-linker links against LLVM 22 (rustc's LLVM)",
     ),
