@@ -421,9 +421,21 @@ impl Datapath {
             )
             .collect();
         for pin in pins {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => detached += 1,
-                Err(err) => tracing::warn!(pin = %pin.display(), error = %err, "removing link pin"),
+            // Open the link before unpinning it: dropping the pin alone frees
+            // the link from a kernel work queue, some time later; closing the
+            // last file descriptor detaches it before `close` returns.
+            let result = PinnedLink::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|link| link.unpin().map_err(|e| e.to_string()));
+            match result {
+                Ok(fd) => {
+                    drop(fd);
+                    detached += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(pin = %pin.display(), error = %err, "releasing link");
+                    let _ignored = std::fs::remove_file(&pin);
+                }
             }
         }
         detached
