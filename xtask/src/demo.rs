@@ -371,33 +371,9 @@ fn kubernetes(bins: &std::path::Path) -> anyhow::Result<usize> {
     let mut lab = Lab::create(LabSpec::new(KLAB))?;
     let cp = lab.start_control_plane()?;
     let kubectl = |args: &[&str]| cp.kubectl(&lab, args);
-    kubectl(&["create", "namespace", "meshless-system"])?;
-    let kubeconfig = cp.kubeconfig().to_path_buf();
-    let kc = kubeconfig.display().to_string();
-    let mut procs = Vec::new();
-    for node in 1..=2 {
-        procs.push(lab.start_kubelet(
-            node,
-            &bins.join("meshless-lab-kubelet"),
-            &bins.join("meshless-cni"),
-            &kubeconfig,
-        )?);
-        procs.push(lab.start_agent_with(
-            node,
-            &bins.join("meshless-agent"),
-            &["--kubeconfig", &kc],
-        )?);
-    }
-    let mut op = Command::new(bins.join("meshless-operator"));
-    op.args([
-        "--kubeconfig",
-        &kc,
-        "--id",
-        "demo",
-        "--lb-pool",
-        "198.18.1.0/24,fd00:d::/112",
-    ]);
-    procs.push(lab.spawn_on_host(lab.node(1), "operator", op)?);
+    // kubelet + meshless-cni and meshless-agent on every node (the agent
+    // with DaemonSet-style flags only), meshless-operator on n1.
+    let procs = lab.start_cluster(&cp, bins)?;
     kubectl(&[
         "wait",
         "--for=condition=Ready",

@@ -36,7 +36,11 @@ enum Cmd {
         #[arg(long)]
         skip_build: bool,
         /// Also start a Kubernetes control plane (etcd, kube-apiserver,
-        /// controller-manager, scheduler) and point the agents at it.
+        /// controller-manager, scheduler) and make the lab a Meshless
+        /// cluster on it: the lab kubelet with meshless-cni and
+        /// meshless-agent on every node, meshless-operator on n1 (LoadBalancer
+        /// pool 198.18.1.0/24, fd00:d::/112). Then `cargo xtask kubectl --
+        /// apply -f examples/kubernetes/web.yaml` runs pods.
         #[arg(long)]
         control_plane: bool,
     },
@@ -114,18 +118,15 @@ fn up(u: &Up<'_>) -> anyhow::Result<()> {
         None
     };
     if !u.no_agents {
-        let extra: Vec<String> = cp
-            .as_ref()
-            .map(|c| {
-                vec![
-                    "--kubeconfig".to_owned(),
-                    c.kubeconfig().display().to_string(),
-                ]
-            })
-            .unwrap_or_default();
-        for node in 1..=u.nodes {
-            lab.start_agent_with(node, &bins.join("meshless-agent"), &extra)?
-                .detach();
+        match &cp {
+            // A Meshless cluster: kubelets, DaemonSet-style agents, operator.
+            Some(cp) => lab.start_cluster(cp, &bins)?.detach(),
+            None => {
+                for node in 1..=u.nodes {
+                    lab.start_agent_with::<&str>(node, &bins.join("meshless-agent"), &[])?
+                        .detach();
+                }
+            }
         }
         for node in 1..=u.nodes {
             lab.wait_agent_ready(node, Duration::from_secs(30))?;

@@ -27,6 +27,17 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_POD_DEVICE_PREFIX", default_value = "ml")]
     pub pod_device_prefix: String,
 
+    /// Where meshless-cni registers this node's endpoints (its
+    /// `agentEndpointsDir`; one JSON record per container). The agent
+    /// attaches to every host device a record names and joins the records
+    /// with the node's Pods.
+    #[arg(
+        long,
+        env = "MESHLESS_ENDPOINTS_DIR",
+        default_value = "/run/meshless/endpoints"
+    )]
+    pub endpoints_dir: PathBuf,
+
     /// How often to look for new or removed pod devices, in milliseconds.
     /// Short enough that a new pod is covered before its first connection
     /// would matter in tests; cheap (one netlink dump) at any interval.
@@ -72,8 +83,9 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_HEALTH_ADDR")]
     pub health_addr: Option<std::net::SocketAddr>,
 
-    /// Watch Services and EndpointSlices through the Kubernetes API with this
-    /// kubeconfig (use --in-cluster inside a pod).
+    /// Watch the Kubernetes API with this kubeconfig (use --in-cluster
+    /// inside a pod): Services, EndpointSlices, Nodes, Namespaces and this
+    /// node's Pods.
     #[arg(long, env = "MESHLESS_KUBECONFIG", conflicts_with_all = ["manifests", "in_cluster"])]
     pub kubeconfig: Option<PathBuf>,
 
@@ -81,14 +93,16 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_IN_CLUSTER", conflicts_with = "manifests")]
     pub in_cluster: bool,
 
-    /// Read Services and EndpointSlices from the Kubernetes manifests
-    /// (*.yaml, *.yml, *.json; multi-document) in this directory, and follow
-    /// changes to it. Without it, no services are load balanced yet (the
-    /// Kubernetes API source is not built).
+    /// Read Services, EndpointSlices, Pods, Nodes and Namespaces from the
+    /// Kubernetes manifests (*.yaml, *.yml, *.json; multi-document) in this
+    /// directory, and follow changes to it (standalone nodes, benchmarks).
+    /// Without it, --kubeconfig or --in-cluster, no service is load balanced.
     #[arg(long, env = "MESHLESS_MANIFESTS")]
     pub manifests: Option<PathBuf>,
 
-    /// This node's addresses, for NodePort frontends (repeat or comma-separate).
+    /// This node's addresses, for NodePort frontends and as the SNAT source
+    /// (repeat or comma-separate). Default: the InternalIPs (else
+    /// ExternalIPs) of this node's Node object.
     #[arg(long = "node-ip", env = "MESHLESS_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<std::net::IpAddr>,
 
@@ -99,7 +113,8 @@ pub struct Config {
     pub external_device: Option<String>,
 
     /// This node's pod CIDRs (repeat or comma-separate): north-south traffic
-    /// to a backend outside them is SNATed to the node address.
+    /// to a backend outside them is SNATed to the node address. Default:
+    /// spec.podCIDRs of this node's Node object.
     #[arg(long = "pod-cidr", env = "MESHLESS_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub pod_cidrs: Vec<(std::net::IpAddr, u8)>,
 
@@ -110,7 +125,8 @@ pub struct Config {
     #[arg(long, env = "MESHLESS_LB_MODE", default_value = "snat", value_parser = ["snat", "dsr"])]
     pub lb_mode: String,
 
-    /// This node's zone (topology.kubernetes.io/zone), for PreferClose.
+    /// This node's zone, for PreferClose. Default: the
+    /// topology.kubernetes.io/zone label of this node's Node object.
     #[arg(long, env = "MESHLESS_ZONE")]
     pub zone: Option<String>,
 
@@ -162,8 +178,12 @@ impl Config {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
-        if self.external_device.is_some() && !self.node_ips.iter().any(std::net::IpAddr::is_ipv4) {
-            return Err("--external-device needs an IPv4 --node-ip: it is the SNAT source for north-south traffic".into());
+        let node_object = self.kubeconfig.is_some() || self.in_cluster || self.manifests.is_some();
+        if self.external_device.is_some()
+            && !node_object
+            && !self.node_ips.iter().any(std::net::IpAddr::is_ipv4)
+        {
+            return Err("--external-device needs an IPv4 node address, the SNAT source for north-south traffic: pass --node-ip, or a source (--kubeconfig, --in-cluster, --manifests) with this node's Node object".into());
         }
         Ok(())
     }
@@ -273,6 +293,21 @@ mod tests {
             c.validate()
                 .expect_err("needs a node IP")
                 .contains("--node-ip")
+        );
+        let c = Config::try_parse_from([
+            "meshless-agent",
+            "--node",
+            "n",
+            "--cgroup",
+            "/x",
+            "--external-device",
+            "eth0",
+            "--in-cluster",
+        ])
+        .expect("parses");
+        assert!(
+            c.validate().is_ok(),
+            "the Node object will give the address"
         );
     }
 

@@ -96,6 +96,8 @@ pub struct Datapath {
     config: Config,
     devices: BTreeMap<String, DeviceLinks>,
     sock_pins: Vec<(&'static str, PathBuf)>,
+    /// ifindex of the external device once the north-south path is attached.
+    external: Option<u32>,
     loaded_at_unix: u64,
 }
 
@@ -166,19 +168,49 @@ impl Datapath {
             config: config.clone(),
             devices: BTreeMap::new(),
             sock_pins: Vec::new(),
+            external: None,
             loaded_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         })
     }
 
-    /// Writes the node facts the north-south path reads and attaches it to
-    /// the external device's ingress.
-    pub fn attach_external(&mut self, device: &str) -> Result<(), DatapathError> {
+    /// Writes the node facts the north-south path reads (node addresses as
+    /// SNAT sources, pod CIDRs) and attaches it to the external device's
+    /// ingress. The caller attaches only once an IPv4 node address is known.
+    pub fn attach_external(
+        &mut self,
+        device: &str,
+        facts: &crate::node::NodeFacts,
+    ) -> Result<(), DatapathError> {
         let ifindex = nix::net::if_::if_nametoindex(device).map_err(|e| DatapathError::Link {
             what: format!("external device {device}"),
             reason: format!("{e} (pass the node's uplink with --external-device)"),
         })?;
+        self.external = Some(ifindex);
+        self.write_node_config(facts)?;
+        let path = self.links_dir().join(format!("ext_{device}_{ifindex}"));
+        self.attach_tc_pinned(PROG_NODEPORT, device, TcAttachType::Ingress, &path)?;
+        self.sock_pins.push((PROG_NODEPORT, path));
+        tracing::info!(device, ifindex, "north-south path attached");
+        Ok(())
+    }
+
+    /// Whether [`Datapath::attach_external`] has run.
+    pub fn external_attached(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// Rewrites the node facts the north-south path reads (after the Node
+    /// object changed). One array update: the programs see either the old
+    /// or the new facts, never a mix.
+    pub fn write_node_config(
+        &mut self,
+        facts: &crate::node::NodeFacts,
+    ) -> Result<(), DatapathError> {
+        let Some(ifindex) = self.external else {
+            return Ok(());
+        };
         let mut cfg = meshless_common::NodeConfig {
             ext_ifindex: ifindex,
             nat_mode: if self.config.lb_mode == "dsr" {
@@ -188,20 +220,20 @@ impl Datapath {
             },
             ..Default::default()
         };
-        if let Some(std::net::IpAddr::V4(v4)) = self.config.node_ips.iter().find(|a| a.is_ipv4()) {
+        if let Some(std::net::IpAddr::V4(v4)) = facts.ips.iter().find(|a| a.is_ipv4()) {
             cfg.node_ip4 = v4.octets();
         }
         if let Some((std::net::IpAddr::V4(net), len)) =
-            self.config.pod_cidrs.iter().find(|(a, _)| a.is_ipv4())
+            facts.pod_cidrs.iter().find(|(a, _)| a.is_ipv4())
         {
             cfg.pod_cidr4 = net.octets();
             cfg.pod_prefix4 = *len;
         }
-        if let Some(std::net::IpAddr::V6(v6)) = self.config.node_ips.iter().find(|a| a.is_ipv6()) {
+        if let Some(std::net::IpAddr::V6(v6)) = facts.ips.iter().find(|a| a.is_ipv6()) {
             cfg.node_ip6 = v6.octets();
         }
         if let Some((std::net::IpAddr::V6(net), len)) =
-            self.config.pod_cidrs.iter().find(|(a, _)| a.is_ipv6())
+            facts.pod_cidrs.iter().find(|(a, _)| a.is_ipv6())
         {
             cfg.pod_cidr6 = net.octets();
             cfg.pod_prefix6 = *len;
@@ -220,12 +252,7 @@ impl Datapath {
         array.set(0, cfg, 0).map_err(|e| DatapathError::Link {
             what: "writing the node config map".into(),
             reason: e.to_string(),
-        })?;
-        let path = self.links_dir().join(format!("ext_{device}_{ifindex}"));
-        self.attach_tc_pinned(PROG_NODEPORT, device, TcAttachType::Ingress, &path)?;
-        self.sock_pins.push((PROG_NODEPORT, path));
-        tracing::info!(device, ifindex, "north-south path attached");
-        Ok(())
+        })
     }
 
     fn links_dir(&self) -> PathBuf {
@@ -276,13 +303,15 @@ impl Datapath {
 
     /// Attaches the TC programs to pod devices that appeared and forgets the
     /// ones that went away (the kernel detaches a link when its device goes).
-    pub fn sync_pod_devices(&mut self) {
+    /// Pod devices are those named `--pod-device-prefix*` and those a CNI
+    /// endpoint record names (`registered`).
+    pub fn sync_pod_devices(&mut self, registered: &std::collections::BTreeSet<String>) {
         let present: BTreeMap<String, u32> = match nix::net::if_::if_nameindex() {
             Ok(list) => list
                 .iter()
                 .filter_map(|i| {
                     let name = i.name().to_str().ok()?.to_owned();
-                    name.starts_with(&self.config.pod_device_prefix)
+                    (name.starts_with(&self.config.pod_device_prefix) || registered.contains(&name))
                         .then_some((name, i.index()))
                 })
                 .collect(),
@@ -462,6 +491,12 @@ impl Datapath {
                 .collect(),
             loaded_at_unix: self.loaded_at_unix,
             lb: None,
+            node_facts: None,
+            external_attached: false,
+            endpoints: Vec::new(),
+            cluster: None,
+            source_updates: 0,
+            errors: Vec::new(),
         }
     }
 }

@@ -3,12 +3,23 @@
 //! One agent runs per node, in the node's network namespace. It loads the
 //! embedded eBPF datapath, pins its maps under `<bpffs-root>/<node>/` (so a
 //! restart adopts them), attaches the socket hooks to the node's cgroup and
-//! the TC programs to every pod device, and detaches them on shutdown.
+//! the TC programs to every pod device, and keeps the datapath attached for
+//! the next agent when it stops (`--detach-on-exit` removes it).
+//!
+//! | module | what | IO |
+//! |---|---|---|
+//! | [`source`] | cluster objects: Kubernetes API, manifests, in-process | kube, files |
+//! | [`node`] | this node's addresses, pod CIDRs, zone (flags, else Node) | none |
+//! | [`endpoints`] | CNI endpoint records joined with this node's Pods | files |
+//! | [`reconcile`] | desired vs pinned service entries | maps |
+//! | `datapath` | load, pin, attach, detach | bpf |
 #![forbid(unsafe_code)]
 
 mod config;
 mod datapath;
+pub mod endpoints;
 pub mod health;
+pub mod node;
 pub mod reconcile;
 pub mod source;
 mod status;
@@ -44,37 +55,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         let client =
             kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
-        Some(Box::new(source::KubeSource::start(client)))
+        Some(Box::new(source::KubeSource::start(client, &config.node)))
     } else {
         None
     };
     run_with_source(config, source).await
 }
 
-/// Load balancing: the compiler input, the maps, and what was reconciled.
+/// Load balancing: the maps and what was reconciled into them.
 struct Lb {
-    source: Box<dyn source::Source>,
     maps: meshless_maps::LbMaps,
     state: reconcile::LbState,
     status: LbStatus,
-    node: meshless_lb::NodeContext,
     options: meshless_lb::CompileOptions,
+    /// What the last compile read: a new compile only when this changes.
+    compiled: Option<(u64, meshless_lb::NodeContext)>,
+    /// Problems the last compile and apply found, each naming its object.
+    input_errors: Vec<String>,
 }
 
 impl Lb {
-    fn tick(&mut self) {
-        if let Some((objects, mut errors)) = self.source.poll() {
-            let compiled = meshless_lb::compile(
-                &self.node,
-                &objects.services,
-                &objects.slices,
-                &self.options,
-            );
-            errors.extend(compiled.errors.iter().map(ToString::to_string));
+    /// Compiles and applies when the Services, EndpointSlices or this
+    /// node's facts changed since the last compile: a re-list after an API
+    /// server restart, a pod starting or a node heartbeat costs nothing.
+    fn reconcile(
+        &mut self,
+        objects: &source::ClusterObjects,
+        source_errors: &[String],
+        node: meshless_lb::NodeContext,
+    ) {
+        let input = (objects.lb_fingerprint(), node);
+        if self.compiled.as_ref() != Some(&input) {
+            let compiled =
+                meshless_lb::compile(&input.1, &objects.services, &objects.slices, &self.options);
+            let mut errors: Vec<String> = compiled.errors.iter().map(ToString::to_string).collect();
             let report = self.state.apply(&mut self.maps, &compiled.services);
             errors.extend(report.errors.iter().cloned());
             self.status.generation += 1;
-            self.status.errors = errors;
             self.status.last_services_written = report.services_written;
             self.status.last_services_removed = report.services_removed;
             self.status.map_full_total += report.map_full as u64;
@@ -83,13 +100,23 @@ impl Lb {
                 written = report.services_written,
                 removed = report.services_removed,
                 unchanged = report.services_unchanged,
-                errors = self.status.errors.len(),
+                errors = errors.len(),
                 "services reconciled"
             );
-            for e in &self.status.errors {
+            for e in &errors {
                 tracing::warn!(error = %e, "service input problem");
             }
+            self.input_errors = errors;
+            self.compiled = Some(input);
         }
+        self.status.errors = source_errors
+            .iter()
+            .chain(&self.input_errors)
+            .cloned()
+            .collect();
+    }
+
+    fn refresh_status(&mut self) {
         self.state.flush_retired(&mut self.maps);
         let c = self.maps.capacity();
         self.status.capacity = status::LbCapacity {
@@ -103,15 +130,145 @@ impl Lb {
     }
 }
 
+/// Everything the agent drives, and what it last read.
+struct Agent {
+    config: Config,
+    datapath: Datapath,
+    source: Option<Box<dyn source::Source>>,
+    lb: Option<Lb>,
+    objects: source::ClusterObjects,
+    source_errors: Vec<String>,
+    /// The source delivered its first full set.
+    listed: bool,
+    /// How many changed sets the source delivered.
+    source_updates: u64,
+    facts: node::NodeFacts,
+    records: endpoints::RecordDir,
+    endpoints: Vec<endpoints::LocalEndpoint>,
+    endpoint_errors: Vec<String>,
+}
+
+impl Agent {
+    /// Reads the source and the CNI records, then brings node facts, load
+    /// balancing, the north-south path and pod devices up to date.
+    fn tick(&mut self) {
+        let mut changed = false;
+        if let Some(src) = self.source.as_mut()
+            && let Some((objects, errors)) = src.poll()
+        {
+            self.objects = objects;
+            self.source_errors = errors;
+            self.listed = true;
+            self.source_updates += 1;
+            changed = true;
+        }
+        if changed {
+            let facts = node::resolve(&self.config, &self.objects.nodes);
+            if facts != self.facts {
+                tracing::info!(
+                    ips = ?facts.ips, ips_from = ?facts.ips_from,
+                    pod_cidrs = ?facts.pod_cidrs, pod_cidrs_from = ?facts.pod_cidrs_from,
+                    zone = ?facts.zone, "node facts"
+                );
+                for e in &facts.errors {
+                    tracing::warn!(error = %e, "node object problem");
+                }
+                self.facts = facts;
+                if let Err(err) = self.datapath.write_node_config(&self.facts) {
+                    tracing::warn!(error = %err, "updating the north-south node facts");
+                }
+            }
+        }
+        self.attach_external_when_known();
+        if let Some(lb) = &mut self.lb {
+            if self.listed {
+                let node = meshless_lb::NodeContext {
+                    node_name: self.config.node.clone(),
+                    node_ips: self.facts.ips.clone(),
+                    zone: self.facts.zone.clone(),
+                };
+                lb.reconcile(&self.objects, &self.source_errors, node);
+            }
+            lb.refresh_status();
+        }
+        let (records, errors) = self.records.scan();
+        for e in errors.iter().filter(|e| !self.endpoint_errors.contains(e)) {
+            tracing::warn!(error = %e, "CNI endpoint record");
+        }
+        self.endpoint_errors = errors;
+        let endpoints = endpoints::join(&records, &self.objects.pods, &self.config.node);
+        if endpoints != self.endpoints {
+            tracing::debug!(endpoints = endpoints.len(), "endpoints changed");
+            self.endpoints = endpoints;
+        }
+        let registered: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.host_device.clone()).collect();
+        // A device that fails to attach is reported and retried on the
+        // next tick; it never stops the agent.
+        self.datapath.sync_pod_devices(&registered);
+    }
+
+    /// The north-south path needs an IPv4 node address (its SNAT source);
+    /// without a flag that arrives with the Node object.
+    fn attach_external_when_known(&mut self) {
+        let Some(dev) = self.config.external_device.clone() else {
+            return;
+        };
+        if self.datapath.external_attached() {
+            return;
+        }
+        if !self.facts.ips.iter().any(std::net::IpAddr::is_ipv4) {
+            return;
+        }
+        if let Err(err) = self.datapath.attach_external(&dev, &self.facts) {
+            tracing::warn!(device = %dev, error = %err, "attaching the north-south path; will retry");
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut st = self.datapath.status();
+        st.lb = self.lb.as_ref().map(|l| l.status.clone());
+        st.node_facts = Some(self.facts.clone());
+        st.endpoints = self.endpoints.clone();
+        st.cluster = self.source.as_ref().map(|_| status::ClusterCounts {
+            services: self.objects.services.len(),
+            endpoint_slices: self.objects.slices.len(),
+            pods: self.objects.pods.len(),
+            nodes: self.objects.nodes.len(),
+            namespaces: self.objects.namespaces.len(),
+        });
+        st.external_attached = self.datapath.external_attached();
+        st.source_updates = self.source_updates;
+        st.errors = self
+            .facts
+            .errors
+            .iter()
+            .chain(&self.endpoint_errors)
+            .cloned()
+            .collect();
+        st
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.source.is_some() && !self.listed {
+            return Err("waiting for the first list of cluster objects".to_owned());
+        }
+        if self.config.external_device.is_some() && !self.datapath.external_attached() {
+            return Err("waiting for an IPv4 node address (--node-ip or the Node object's status.addresses) to attach the north-south path".to_owned());
+        }
+        Ok(())
+    }
+}
+
 /// Like [`run`], with the source of cluster objects chosen by the caller
 /// (tests pass [`source::InProcess`]).
 pub async fn run_with_source(
     config: Config,
     source: Option<Box<dyn source::Source>>,
 ) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&config).context("loading the datapath")?;
-    let mut lb = match source {
-        Some(source) => {
+    let datapath = Datapath::load(&config).context("loading the datapath")?;
+    let lb = match &source {
+        Some(_) => {
             let maps = meshless_maps::LbMaps::open(&config.pin_dir())
                 .context("opening the load-balancing maps")?;
             let state =
@@ -122,35 +279,52 @@ pub async fn run_with_source(
                 "adopted pinned services"
             );
             Some(Lb {
-                source,
                 maps,
                 state,
                 status: LbStatus::default(),
-                node: meshless_lb::NodeContext {
-                    node_name: config.node.clone(),
-                    node_ips: config.node_ips.clone(),
-                    zone: config.zone.clone(),
-                },
                 options: config.lb_options(),
+                compiled: None,
+                input_errors: Vec::new(),
             })
         }
         None => None,
     };
+    let facts = node::resolve(&config, &[]);
+    let mut agent = Agent {
+        records: endpoints::RecordDir::new(&config.endpoints_dir),
+        config,
+        datapath,
+        source,
+        lb,
+        objects: source::ClusterObjects::default(),
+        source_errors: Vec::new(),
+        listed: false,
+        source_updates: 0,
+        facts,
+        endpoints: Vec::new(),
+        endpoint_errors: Vec::new(),
+    };
     // Services first, hooks second: the first connect() a new hook sees
     // already finds every service.
-    if let Some(lb) = &mut lb {
-        lb.tick();
-    }
-    datapath
+    agent.tick();
+    agent
+        .datapath
         .attach_cgroup()
         .context("attaching the socket hooks")?;
-    if let Some(dev) = &config.external_device {
-        datapath
-            .attach_external(dev)
+    // With --node-ip the north-south path must come up now, and a wrong
+    // --external-device is a startup error; otherwise it waits for the
+    // Node object (see Agent::attach_external_when_known).
+    if let Some(dev) = agent.config.external_device.clone()
+        && !agent.datapath.external_attached()
+        && agent.facts.ips_from == node::Origin::Flag
+    {
+        agent
+            .datapath
+            .attach_external(&dev, &agent.facts)
             .context("attaching the north-south path")?;
     }
     let probes = health::new();
-    if let Some(addr) = config.health_addr {
+    if let Some(addr) = agent.config.health_addr {
         let p = std::sync::Arc::clone(&probes);
         tokio::spawn(async move {
             if let Err(e) = health::serve(addr, p).await {
@@ -160,34 +334,25 @@ pub async fn run_with_source(
     }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut tick = tokio::time::interval(Duration::from_millis(config.rescan_interval_ms));
+    let mut tick = tokio::time::interval(Duration::from_millis(agent.config.rescan_interval_ms));
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                // A device that fails to attach is reported and retried on the
-                // next tick; it never stops the agent.
-                datapath.sync_pod_devices();
-                if let Some(lb) = &mut lb {
-                    lb.tick();
-                }
-                let mut st = datapath.status();
-                st.lb = lb.as_ref().map(|l| l.status.clone());
-                if let Err(err) = status::write(&config, &st) {
+                agent.tick();
+                let st = agent.status();
+                if let Err(err) = status::write(&agent.config, &st) {
                     tracing::warn!(error = %err, "writing the status file");
                 }
-                let ready = match &lb {
-                    Some(l) if l.status.generation == 0 => Err("waiting for the first list of Services and EndpointSlices".to_owned()),
-                    _ => Ok(()),
-                };
-                health::update(&probes, ready, serde_json::to_string(&st).unwrap_or_default());
+                health::update(&probes, agent.readiness(), serde_json::to_string(&st).unwrap_or_default());
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    let config = &agent.config;
     if config.detach_on_exit {
         tracing::info!(node = %config.node, "shutting down: detaching the datapath (--detach-on-exit)");
-        let detached = datapath.detach_all();
+        let detached = agent.datapath.detach_all();
         tracing::info!(node = %config.node, links = detached, "detached");
     } else {
         tracing::info!(
@@ -195,6 +360,6 @@ pub async fn run_with_source(
             "shutting down; the datapath stays attached and pinned for the next agent"
         );
     }
-    status::remove(&config);
+    status::remove(config);
     Ok(())
 }

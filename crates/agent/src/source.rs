@@ -4,6 +4,10 @@
 //! Three sources exist: the Kubernetes API ([`KubeSource`]), a directory of
 //! Kubernetes manifests (standalone use, benchmarks) and an in-process
 //! handle (tests).
+//!
+//! Adding a kind (NetworkPolicy, a Meshless CRD, a Gateway API route) is one
+//! more field in [`ClusterObjects`], one more arm in [`parse_manifests`] and
+//! one more reflector in [`KubeSource::start`]; nothing else changes.
 
 mod kube;
 
@@ -14,15 +18,62 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// The objects the load-balancing compiler needs.
+/// The cluster objects the agent works from.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterObjects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Pods bound to this node (the Kubernetes source watches only those;
+    /// a manifest directory may hold others, which the agent filters).
+    pub pods: Vec<Pod>,
+    /// Every Node: this node's own object gives its addresses, pod CIDRs
+    /// and zone when no flag does.
+    pub nodes: Vec<Node>,
+    /// Every Namespace (their labels select peers in policies).
+    pub namespaces: Vec<Namespace>,
 }
+
+impl ClusterObjects {
+    /// A fingerprint of what the load-balancing compiler reads (Services
+    /// and EndpointSlices): equal fingerprints compile to equal entries, so
+    /// churn in other kinds (pods starting, node heartbeats) costs no
+    /// recompile.
+    pub fn lb_fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        fn meta(
+            h: &mut std::collections::hash_map::DefaultHasher,
+            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            whole: impl FnOnce() -> String,
+        ) {
+            use std::hash::Hash as _;
+            match (&m.uid, &m.resource_version) {
+                (Some(uid), Some(rv)) => (uid, rv).hash(h),
+                // Manifests carry neither: hash the object itself.
+                _ => whole().hash(h),
+            }
+        }
+        self.services.len().hash(&mut h);
+        for s in &self.services {
+            meta(&mut h, &s.metadata, || {
+                serde_json::to_string(s).unwrap_or_default()
+            });
+        }
+        self.slices.len().hash(&mut h);
+        for s in &self.slices {
+            meta(&mut h, &s.metadata, || {
+                serde_json::to_string(s).unwrap_or_default()
+            });
+        }
+        h.finish()
+    }
+}
+
+/// Errors a source reports about itself (not about one object) start so.
+pub const SOURCE_ERROR_PREFIX: &str = "the Kubernetes API watch";
 
 /// A source of cluster objects.
 pub trait Source: Send {
@@ -42,8 +93,8 @@ struct FileObjects {
 }
 
 /// Every `*.yaml`, `*.yml` and `*.json` file in a directory: multi-document
-/// YAML of v1 Service and discovery.k8s.io/v1 EndpointSlice objects. Other
-/// kinds are ignored. Files are re-read when their mtime or size changes.
+/// YAML of v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node
+/// and v1 Namespace objects. Other kinds are ignored. Files are re-read when their mtime or size changes.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
@@ -97,6 +148,15 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<ClusterObjects, Strin
                 .push(serde_yaml::from_value(value).map_err(|e| format!("{what}: {e}"))?),
             ("discovery.k8s.io/v1", "EndpointSlice") => out
                 .slices
+                .push(serde_yaml::from_value(value).map_err(|e| format!("{what}: {e}"))?),
+            ("v1", "Pod") => out
+                .pods
+                .push(serde_yaml::from_value(value).map_err(|e| format!("{what}: {e}"))?),
+            ("v1", "Node") => out
+                .nodes
+                .push(serde_yaml::from_value(value).map_err(|e| format!("{what}: {e}"))?),
+            ("v1", "Namespace") => out
+                .namespaces
                 .push(serde_yaml::from_value(value).map_err(|e| format!("{what}: {e}"))?),
             ("", _) | (_, "") => return Err(format!("{what}: missing apiVersion or kind")),
             _ => tracing::debug!(%what, "ignoring kind the agent does not use"),
@@ -168,6 +228,9 @@ impl ManifestDir {
         for f in self.files.values() {
             all.services.extend(f.objects.services.iter().cloned());
             all.slices.extend(f.objects.slices.iter().cloned());
+            all.pods.extend(f.objects.pods.iter().cloned());
+            all.nodes.extend(f.objects.nodes.iter().cloned());
+            all.namespaces.extend(f.objects.namespaces.iter().cloned());
         }
         all
     }
@@ -222,6 +285,40 @@ mod tests {
         let o = parse_manifests(&text, "f.yaml").expect("parses");
         assert_eq!(o.services.len(), 1);
         assert!(o.slices.is_empty());
+    }
+
+    #[test]
+    fn parses_pods_nodes_and_namespaces() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\nspec: {nodeName: n1, containers: []}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [198.18.17.0/24]}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {team: a}}\n";
+        let o = parse_manifests(text, "f.yaml").expect("parses");
+        assert_eq!((o.pods.len(), o.nodes.len(), o.namespaces.len()), (1, 1, 1));
+        let err = parse_manifests(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n9}\nspec: {podCIDRs: 3}\n",
+            "n.yaml",
+        )
+        .expect_err("podCIDRs must be a list");
+        assert!(err.contains("n.yaml") && err.contains("Node n9"), "{err}");
+    }
+
+    #[test]
+    fn lb_fingerprint_ignores_other_kinds_and_sees_service_changes() {
+        let a = parse_manifests(SVC, "a").expect("parses");
+        let mut b = a.clone();
+        b.pods = parse_manifests(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n",
+            "p",
+        )
+        .expect("pod")
+        .pods;
+        assert_eq!(a.lb_fingerprint(), b.lb_fingerprint());
+        let c = parse_manifests(&SVC.replace("port: 80", "port: 81"), "c").expect("parses");
+        assert_ne!(a.lb_fingerprint(), c.lb_fingerprint());
+        let mut d = a.clone();
+        d.services[0].metadata.uid = Some("u".into());
+        d.services[0].metadata.resource_version = Some("1".into());
+        let mut e = d.clone();
+        e.services[0].metadata.resource_version = Some("2".into());
+        assert_ne!(d.lb_fingerprint(), e.lb_fingerprint());
     }
 
     #[test]

@@ -23,6 +23,36 @@ pub struct Status {
     /// Service load balancing; absent without a source of services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lb: Option<LbStatus>,
+    /// This node's addresses, pod CIDRs and zone, and where each came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_facts: Option<crate::node::NodeFacts>,
+    /// The north-south path (TC on --external-device) is attached.
+    #[serde(default)]
+    pub external_attached: bool,
+    /// This node's endpoints: CNI records joined with the node's Pods.
+    #[serde(default)]
+    pub endpoints: Vec<crate::endpoints::LocalEndpoint>,
+    /// How many objects of each kind the source holds; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterCounts>,
+    /// Changed object sets the source delivered since the agent started
+    /// (a watch that resumes after an API server restart adds one).
+    #[serde(default)]
+    pub source_updates: u64,
+    /// Problems with this node's Node object or the CNI endpoint records.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// Objects per kind in the agent's view of the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterCounts {
+    pub services: usize,
+    pub endpoint_slices: usize,
+    /// Pods bound to this node.
+    pub pods: usize,
+    pub nodes: usize,
+    pub namespaces: usize,
 }
 
 /// Sizes of the load-balancing maps.
@@ -41,7 +71,8 @@ pub struct LbStatus {
     pub frontends: usize,
     /// Distinct backends in the maps.
     pub backends: usize,
-    /// Increments on every reconcile that had new input.
+    /// Increments on every compile: when the Services, EndpointSlices or
+    /// this node's facts changed (not on a re-list that changed nothing).
     pub generation: u64,
     /// Problems with the input or the maps, each naming the object.
     pub errors: Vec<String>,

@@ -127,43 +127,14 @@ fn lab_cluster_deployment_behind_a_loadbalancer() {
     require_root();
     let mut lab = Lab::create(LabSpec::new(unique_name("clus"))).expect("lab");
     let cp = lab.start_control_plane().expect("control plane");
-    cp.kubectl(&lab, &["create", "namespace", "meshless-system"])
-        .expect("namespace");
-    let kubeconfig = cp.kubeconfig().to_path_buf();
-    let kc = kubeconfig.display().to_string();
-    let mut procs = Vec::new();
-    for node in 1..=2 {
-        procs.push(
-            lab.start_kubelet(
-                node,
-                &bin_path("meshless-lab-kubelet"),
-                &bin_path("meshless-cni"),
-                &kubeconfig,
-            )
-            .expect("kubelet"),
-        );
-        procs.push(
-            lab.start_agent_with(
-                node,
-                std::path::Path::new(env!("CARGO_BIN_EXE_meshless-agent")),
-                &["--kubeconfig", &kc],
-            )
-            .expect("agent"),
-        );
-    }
-    let mut op = Command::new(bin_path("meshless-operator"));
-    op.args([
-        "--kubeconfig",
-        &kc,
-        "--id",
-        "op-1",
-        "--lb-pool",
-        "198.18.1.0/24,fd00:d::/112",
-    ]);
-    procs.push(
-        lab.spawn_on_host(lab.node(1), "operator", op)
-            .expect("operator"),
-    );
+    // As a real cluster runs it: kubelet + meshless-cni and the agent (with
+    // DaemonSet-style flags only: addresses and pod CIDRs come from each
+    // node's Node object) on every node, the operator on node 1.
+    let bins = bin_path("meshless-agent")
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let procs = lab.start_cluster(&cp, &bins).expect("cluster");
     eventually("both nodes Ready and default/default exists", T, || {
         let nodes = get(&lab, &cp, &["nodes"]);
         let ready = nodes["items"].as_array().map_or(0, |n| {
@@ -181,6 +152,36 @@ fn lab_cluster_deployment_behind_a_loadbalancer() {
             && get(&lab, &cp, &["serviceaccount", "default"])["metadata"]["name"] == "default")
             .then_some(())
     });
+
+    // Each agent took its node's addresses and pod CIDRs from its Node.
+    for node in 1..=2 {
+        let name = lab.node_name(node);
+        let obj = get(&lab, &cp, &["node", &name]);
+        let (facts, _) = eventually(&format!("{name}'s agent has the node facts"), T, || {
+            let f = agent_status(&lab, node)["node_facts"].clone();
+            (f["ips_from"] == "node-object" && f["pod_cidrs_from"] == "node-object").then_some(f)
+        });
+        let cidrs: Vec<String> = facts["pod_cidrs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| format!("{}/{}", c[0].as_str().unwrap_or(""), c[1]))
+            .collect();
+        let mut want: Vec<String> = obj["spec"]["podCIDRs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect();
+        want.sort_by_key(|c| c.contains(':'));
+        assert_eq!(cidrs, want, "{name}: pod CIDRs from spec.podCIDRs");
+        assert_eq!(
+            facts["ips"][0].as_str(),
+            Some(lab.node(node).ipv4.to_string().as_str()),
+            "{name}: the InternalIP (IPv4 first): {facts}"
+        );
+        assert_eq!(agent_status(&lab, node)["external_attached"], true);
+    }
 
     cp.apply(&lab, &example("web.yaml"))
         .expect("apply web.yaml");
@@ -294,5 +295,203 @@ fn lab_cluster_deployment_behind_a_loadbalancer() {
         seen_ext.iter().all(|n| pods.contains(n)) && seen_ext.len() >= 2,
         "LoadBalancer spread: {seen_ext:?}"
     );
+
+    // Every web pod is an endpoint the agent of its node knows: the record
+    // meshless-cni wrote, joined with the Pod from the API, its device
+    // attached.
+    let web = get(&lab, &cp, &["pods", "-l", "app=web"]);
+    for p in web["items"].as_array().into_iter().flatten() {
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        let ip = p["status"]["podIP"].as_str().unwrap_or("");
+        let n: usize = p["spec"]["nodeName"]
+            .as_str()
+            .and_then(|n| n.rsplit("-n").next()?.parse().ok())
+            .expect("nodeName");
+        let st = agent_status(&lab, n);
+        let ep = st["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["pod"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from node {n}'s endpoints: {st}"));
+        assert_eq!(ep["namespace"], "default");
+        assert_eq!(ep["in_api"], true, "{ep}");
+        assert_eq!(ep["phase"], "Running", "{ep}");
+        assert_eq!(ep["addresses"][0].as_str(), Some(ip), "{ep}");
+        let dev = ep["host_device"].as_str().unwrap_or("");
+        assert!(
+            st["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|d| d["name"] == dev),
+            "{name}'s device {dev} attached on node {n}: {st}"
+        );
+    }
+
+    graceful_deletion_drains(&lab, &cp, &pod);
     drop(procs);
+}
+
+/// Status of node `node`'s agent.
+fn agent_status(lab: &Lab, node: usize) -> Value {
+    std::fs::read(lab.node_state_dir(node).join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Pods that keep serving through their grace period (SIGTERM ignored, as
+/// an application draining its connections would).
+const STICKY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sticky, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: sticky}}
+  template:
+    metadata: {labels: {app: sticky}}
+    spec:
+      terminationGracePeriodSeconds: 30
+      containers:
+      - name: serve
+        image: meshless.dev/labtool
+        args: [serve-id, --listen, '[::]:9000', --ignore-sigterm]
+        ports: [{containerPort: 9000}]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        readinessProbe: {tcpSocket: {port: 9000}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  selector: {app: sticky}
+  ports: [{port: 9000, targetPort: 9000}]
+";
+
+/// A pod deleted with a grace period gets no new connections as soon as
+/// it is terminating, while the connections it already has keep working.
+fn graceful_deletion_drains(lab: &Lab, cp: &ControlPlane, client: &Pod) {
+    cp.apply(lab, STICKY).expect("apply sticky");
+    let vip: Ipv4Addr = eventually("sticky has a ClusterIP", T, || {
+        get(lab, cp, &["service", "sticky"])["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+    })
+    .0;
+    let pods_by_ip = || -> std::collections::BTreeMap<[u8; 4], (String, Value)> {
+        get(lab, cp, &["pods", "-l", "app=sticky"])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let ip: Ipv4Addr = p["status"]["podIP"].as_str()?.parse().ok()?;
+                Some((
+                    ip.octets(),
+                    (p["metadata"]["name"].as_str()?.to_owned(), p.clone()),
+                ))
+            })
+            .collect()
+    };
+    eventually("2 sticky backends in the client node's maps", T, || {
+        let eps = ready_endpoints(lab, cp, "sticky");
+        (eps.len() == 2 && bpf_backends(lab, client.node, vip, 9000).as_ref() == Some(&eps))
+            .then_some(())
+    });
+    // Four long-lived connections through the ClusterIP.
+    let to = format!("{vip}:9000");
+    let mut holds: Vec<_> = (0..4)
+        .map(|i| {
+            let mut cmd = Command::new(bin_path("meshless-labtool"));
+            cmd.args(["hold", "--to", &to, "--duration-ms", "8000", "--announce"]);
+            lab.spawn_in_pod(client, &format!("hold-{i}"), cmd)
+                .expect("hold")
+        })
+        .collect();
+    let (held, _) = eventually(
+        "every held connection is up",
+        Duration::from_secs(10),
+        || {
+            let ids: Vec<String> = holds
+                .iter()
+                .filter_map(|h| {
+                    h.log()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("connected ").map(str::to_owned))
+                })
+                .collect();
+            (ids.len() == holds.len()).then_some(ids)
+        },
+    );
+    let victim = held[0].clone();
+    let before = pods_by_ip();
+    let victim_ip = before
+        .iter()
+        .find(|(_, (n, _))| *n == victim)
+        .map(|(ip, _)| *ip)
+        .expect("victim IP");
+    let deleted = Instant::now();
+    cp.kubectl(lab, &["delete", "pod", &victim, "--wait=false"])
+        .expect("delete the victim");
+    let (_, lag) = eventually(
+        "the terminating pod leaves the client node's service backends",
+        Duration::from_secs(10),
+        || {
+            bpf_backends(lab, client.node, vip, 9000)
+                .is_some_and(|b| !b.contains(&victim_ip) && !b.is_empty())
+                .then_some(())
+        },
+    );
+    let since_delete = deleted.elapsed();
+    eprintln!(
+        "deleted {victim}: out of the BPF backends {since_delete:?} after `kubectl delete` (polled {lag:?})"
+    );
+    // Still there, terminating: what keeps it from new connections is the
+    // terminating state, not its absence.
+    let (_, p) = pods_by_ip()
+        .remove(&victim_ip)
+        .expect("the victim is still running through its grace period");
+    assert!(
+        p["metadata"]["deletionTimestamp"].is_string(),
+        "{victim} terminating: {p}"
+    );
+    let vnode: usize = p["spec"]["nodeName"]
+        .as_str()
+        .and_then(|n| n.rsplit("-n").next()?.parse().ok())
+        .expect("nodeName");
+    eventually("the agent shows the endpoint terminating", T, || {
+        agent_status(lab, vnode)["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["pod"] == victim.as_str() && e["terminating"] == true)
+            .then_some(())
+    });
+    let mut tally = Command::new(bin_path("meshless-labtool"));
+    tally.args(["tally", "--to", &to, "--count", "100"]);
+    let out = lab
+        .run_in_pod(client, "tally", tally, T)
+        .expect("tally new connections");
+    let v: Value = serde_json::from_str(out.trim()).expect("tally JSON");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(
+        v["replies"][&victim],
+        Value::Null,
+        "no new connection may reach the terminating {victim}: {v}"
+    );
+    assert_eq!(
+        v["replies"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>()),
+        100,
+        "{v}"
+    );
+    for h in &mut holds {
+        let out = h.wait_success(T).expect("hold exits 0");
+        let r: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("hold JSON");
+        assert_eq!(
+            r["failed"], 0,
+            "an established connection died while its pod drained: {r}"
+        );
+    }
 }

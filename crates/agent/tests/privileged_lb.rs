@@ -85,20 +85,22 @@ impl Fixture {
             .unwrap_or(serde_json::Value::Null)
     }
 
-    fn generation(&self) -> u64 {
-        self.status()["lb"]["generation"].as_u64().unwrap_or(0)
+    /// Changed object sets the agent has read from its manifest directory.
+    fn source_updates(&self) -> u64 {
+        self.status()["source_updates"].as_u64().unwrap_or(0)
     }
 
-    /// Writes a manifest file atomically and waits until the agent reconciled it.
+    /// Writes a manifest file atomically and waits until the agent read it
+    /// (and so reconciled whatever it changed).
     fn apply(&self, file: &str, yaml: &str) -> serde_json::Value {
-        let before = self.generation();
+        let before = self.source_updates();
         let tmp = self.dir.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, yaml).expect("write manifest");
         std::fs::rename(&tmp, self.dir.join(file)).expect("rename manifest");
         let deadline = Instant::now() + T;
         loop {
             let s = self.status();
-            if s["lb"]["generation"].as_u64().unwrap_or(0) > before {
+            if s["source_updates"].as_u64().unwrap_or(0) > before {
                 return s["lb"].clone();
             }
             assert!(

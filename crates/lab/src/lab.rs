@@ -548,25 +548,48 @@ impl Lab {
     }
 
     /// [`Lab::start_agent`] with extra flags (`--manifests DIR`, `--detach-on-exit`, ...).
+    /// The node's addresses and pod CIDRs are passed as flags, as on a
+    /// standalone node.
     pub fn start_agent_with<S: AsRef<std::ffi::OsStr>>(
         &self,
         index: usize,
         agent: &Path,
         extra: &[S],
     ) -> Result<LabProcess, LabError> {
-        let mut cmd = Command::new(agent);
+        let mut cmd = self.agent_command(index, agent);
         cmd.args(extra);
         let (v4, l4) = plan::pod_cidr_v4(index);
         let (v6, l6) = plan::pod_cidr_v6(index);
-        cmd.arg("--external-device")
-            .arg("eth0")
-            .arg("--pod-cidr")
+        cmd.arg("--pod-cidr")
             .arg(format!("{v4}/{l4},{v6}/{l6}"))
             .arg("--node-ip")
             .arg(self.node(index).ipv4.to_string())
             .arg("--node-ip")
             .arg(self.node(index).ipv6.to_string());
-        cmd.arg("--node")
+        self.spawn_on_host(self.node(index), "agent", cmd)
+    }
+
+    /// Starts meshless-agent on node `index` with only the flags a DaemonSet
+    /// gives every node alike: the node's addresses, pod CIDRs and zone come
+    /// from its Node object through `kubeconfig`.
+    pub fn start_cluster_agent(
+        &self,
+        index: usize,
+        agent: &Path,
+        kubeconfig: &Path,
+    ) -> Result<LabProcess, LabError> {
+        let mut cmd = self.agent_command(index, agent);
+        cmd.arg("--kubeconfig").arg(kubeconfig);
+        self.spawn_on_host(self.node(index), "agent", cmd)
+    }
+
+    /// The flags every lab agent gets: its node, cgroup, pins, state, the
+    /// endpoints directory the lab kubelet's meshless-cni writes, and probes.
+    fn agent_command(&self, index: usize, agent: &Path) -> Command {
+        let mut cmd = Command::new(agent);
+        cmd.arg("--external-device")
+            .arg("eth0")
+            .arg("--node")
             .arg(self.node_name(index))
             .arg("--cgroup")
             .arg(self.node_cgroup(index))
@@ -576,10 +599,12 @@ impl Lab {
             .arg(plan::POD_DEVICE_PREFIX)
             .arg("--state-dir")
             .arg(self.node_state_dir(index))
+            .arg("--endpoints-dir")
+            .arg(self.kubelet_state_dir(index).join("endpoints"))
             // Each node has its own loopback, so the same port everywhere.
             .arg("--health-addr")
             .arg(AGENT_HEALTH_ADDR);
-        self.spawn_on_host(self.node(index), "agent", cmd)
+        cmd
     }
 
     /// Waits until node `index`'s agent reports every pod of that node attached.

@@ -25,6 +25,7 @@ mod state;
 
 pub use control_plane::ControlPlane;
 pub use error::LabError;
+pub use kubelet_host::ClusterProcesses;
 pub use lab::{Host, Lab, LabSpec, Pod, Routing, TeardownReport, destroy, list};
 pub use process::{LabProcess, join_before_exec};
 pub use state::LabInfo;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -32,6 +32,9 @@ struct Progress {
 pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
     progress: Arc<Progress>,
     kinds: u64,
     seen: Option<u64>,
@@ -45,7 +48,7 @@ impl std::fmt::Debug for KubeSource {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, progress: Arc<Progress>) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, progress: Arc<Progress>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -68,7 +71,11 @@ where
     let kind = K::kind(&()).into_owned();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api, config)
+            .default_backoff()
+            // managedFields are often the largest part of an object and no
+            // compiler reads them: do not keep them in memory.
+            .modify(|o| o.meta_mut().managed_fields = None),
     );
     tokio::spawn(async move {
         futures::pin_mut!(stream);
@@ -92,16 +99,41 @@ where
 }
 
 impl KubeSource {
-    /// Starts the reflectors (needs a tokio runtime).
-    pub fn start(client: Client) -> Self {
+    /// Starts one reflector per kind (needs a tokio runtime). Pods are
+    /// watched only for `node`: an agent never holds the whole cluster's pods.
+    pub fn start(client: Client, node: &str) -> Self {
         let progress = Arc::new(Progress::default());
-        let services = spawn_reflector(Api::<Service>::all(client.clone()), Arc::clone(&progress));
-        let slices = spawn_reflector(Api::<EndpointSlice>::all(client), Arc::clone(&progress));
+        let all = watcher::Config::default;
+        let services = spawn_reflector(
+            Api::<Service>::all(client.clone()),
+            all(),
+            Arc::clone(&progress),
+        );
+        let slices = spawn_reflector(
+            Api::<EndpointSlice>::all(client.clone()),
+            all(),
+            Arc::clone(&progress),
+        );
+        let pods = spawn_reflector(
+            Api::<Pod>::all(client.clone()),
+            all().fields(&format!("spec.nodeName={node}")),
+            Arc::clone(&progress),
+        );
+        let nodes = spawn_reflector(
+            Api::<Node>::all(client.clone()),
+            all(),
+            Arc::clone(&progress),
+        );
+        let namespaces =
+            spawn_reflector(Api::<Namespace>::all(client), all(), Arc::clone(&progress));
         Self {
             services,
             slices,
+            pods,
+            nodes,
+            namespaces,
             progress,
-            kinds: 2,
+            kinds: 5,
             seen: None,
         }
     }
@@ -125,9 +157,20 @@ impl Source for KubeSource {
                 .map(|s| (**s).clone())
                 .collect(),
             slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            pods: self.pods.state().iter().map(|s| (**s).clone()).collect(),
+            nodes: self.nodes.state().iter().map(|s| (**s).clone()).collect(),
+            namespaces: self
+                .namespaces
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
         };
         let errors = if self.progress.failing.load(Ordering::SeqCst) {
-            vec!["the Kubernetes API watch is failing; serving the last known state".to_owned()]
+            vec![format!(
+                "{} is failing; serving the last known state",
+                super::SOURCE_ERROR_PREFIX
+            )]
         } else {
             Vec::new()
         };

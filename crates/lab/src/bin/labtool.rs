@@ -79,8 +79,13 @@ enum Cmd {
     ServeId {
         #[arg(long)]
         listen: SocketAddr,
-        #[arg(long)]
+        /// Default: $POD_NAME (a pod's name through the downward API).
+        #[arg(long, env = "POD_NAME")]
         id: String,
+        /// Keep serving after SIGTERM, like an application that drains its
+        /// connections until the grace period ends (then SIGKILL stops it).
+        #[arg(long)]
+        ignore_sigterm: bool,
     },
     /// Minimal HTTP/1.1 server (the lab kubelet's `meshless.dev/echo`
     /// image): every request gets 200 and a JSON body naming the pod
@@ -154,7 +159,20 @@ fn main() -> anyhow::Result<()> {
             Duration::from_millis(max_duration_ms),
         ),
         Cmd::HoldLab { name } => hold_lab(&name),
-        Cmd::ServeId { listen, id } => serve_id(listen, &id),
+        Cmd::ServeId {
+            listen,
+            id,
+            ignore_sigterm,
+        } => {
+            if ignore_sigterm {
+                // Blocked before any thread starts, so every thread inherits
+                // the mask: SIGTERM stays pending, SIGKILL still ends us.
+                nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGTERM)
+                    .thread_block()
+                    .context("blocking SIGTERM")?;
+            }
+            serve_id(listen, &id)
+        }
         Cmd::HttpEcho { listen } => http_echo(listen),
         Cmd::Tally {
             to,
