@@ -415,6 +415,7 @@ fn kubernetes(bins: &std::path::Path) -> anyhow::Result<usize> {
     }
     // Give the agents a moment to see the last endpoint of the rollout.
     std::thread::sleep(Duration::from_millis(500));
+    print_agents(&lab)?;
     print_services(&lab)?;
 
     println!("\n== 8. traffic from outside the cluster to the LoadBalancer address {lb_ip}");
@@ -484,6 +485,44 @@ fn kubernetes(bins: &std::path::Path) -> anyhow::Result<usize> {
     drop(lab);
     println!("\n== 11. lab {KLAB} removed");
     Ok(bad)
+}
+
+/// What each agent learned from its Node object and meshless-cni.
+fn print_agents(lab: &Lab) -> anyhow::Result<()> {
+    println!("   agents (no per-node flags: node facts from each Node object):");
+    for node in 1..=lab.nodes().len() {
+        let path = lab.node_state_dir(node).join("status.json");
+        let st: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        let f = &st["node_facts"];
+        let cidrs: Vec<String> = f["pod_cidrs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| format!("{}/{}", c[0].as_str().unwrap_or("?"), c[1]))
+            .collect();
+        println!(
+            "   {:<12} ips {} ({}), pod CIDRs {} ({})",
+            lab.node_name(node),
+            f["ips"],
+            f["ips_from"].as_str().unwrap_or("?"),
+            cidrs.join(","),
+            f["pod_cidrs_from"].as_str().unwrap_or("?")
+        );
+        for ep in st["endpoints"].as_array().into_iter().flatten() {
+            println!(
+                "     endpoint {}/{} {} on {} (in API: {}, {})",
+                ep["namespace"].as_str().unwrap_or("?"),
+                ep["pod"].as_str().unwrap_or("?"),
+                ep["addresses"][0].as_str().unwrap_or("?"),
+                ep["host_device"].as_str().unwrap_or("?"),
+                ep["in_api"],
+                ep["phase"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Distinct IPv4 backends of `vip:80/tcp` in n1's maps.
