@@ -85,13 +85,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         rows: Vec::new(),
         missing: Vec::new(),
     };
-    debian(args, &mut report)?;
-    rust_components(args, &mut report)?;
-    nightly(args, &mut report)?;
-    bpf_linker(args, &mut report)?;
-    mdbook(args, &mut report)?;
-    bpffs(args, &mut report)?;
-    kubernetes(args, &mut report)?;
+    type Step = fn(&Args, &mut Report) -> anyhow::Result<()>;
+    let steps: [Step; 7] = [
+        debian,
+        rust_components,
+        nightly,
+        bpf_linker,
+        mdbook,
+        bpffs,
+        kubernetes,
+    ];
+    for step in steps {
+        let (t, rows) = (Instant::now(), report.rows.len());
+        step(args, &mut report)?;
+        // How long each install took: what a fresh machine (and CI) pays.
+        for (_, state) in report.rows.iter_mut().skip(rows) {
+            if state.starts_with("INSTALLED") {
+                state.push_str(&format!(" ({})", util::elapsed(t)));
+            }
+        }
+    }
     println!("setup ({}):", util::elapsed(start));
     for (what, state) in &report.rows {
         println!("  {what:<18} {state}");
