@@ -240,3 +240,81 @@ fn privileged_datapath_connect_hooks_detach_on_shutdown_and_adopt_pins() {
     assert_eq!(tcp_connects(&lab, &a, (b.ipv4, 7100).into(), 5), 5);
     assert_eq!(stat(1, stat::CONNECT4), frozen + 5, "hooks attached again");
 }
+
+fn status(lab: &Lab) -> serde_json::Value {
+    std::fs::read(lab.node_state_dir(1).join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn wait_status(lab: &Lab, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let s = status(lab);
+        if f(&s) {
+            return;
+        }
+        assert!(start.elapsed() < T, "timed out: {what}; status: {s}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The CNI registers endpoints by writing records; the agent attaches to
+/// every device a record names, even one its name prefix would not match,
+/// and a malformed record is reported without stopping anything.
+#[test]
+#[ignore = "privileged: needs root; run by `cargo xtask test`"]
+fn privileged_datapath_attaches_devices_named_by_cni_records() {
+    require_root();
+    let lab = Lab::create(LabSpec::new(unique_name("eprec")).nodes(1)).expect("lab");
+    let netns = lab.node(1).netns.clone();
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(["-n", &netns])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip -n {netns} {args:?}");
+    };
+    // Not named like the lab's pod devices (prefix "ml"): only the record
+    // tells the agent it is a pod's.
+    ip(&[
+        "link", "add", "xpod0", "type", "veth", "peer", "name", "xpod0p",
+    ]);
+    ip(&["link", "set", "xpod0", "up"]);
+    ip(&["link", "set", "xpod0p", "up"]);
+    let dir = lab.kubelet_state_dir(1).join("endpoints");
+    std::fs::create_dir_all(&dir).expect("endpoints dir");
+    let record = serde_json::json!({
+        "containerId": "c1", "namespace": "default", "pod": "x", "netns": "/run/netns/none",
+        "ifname": "eth0", "hostDevice": "xpod0", "addresses": ["198.18.17.99"]
+    });
+    std::fs::write(dir.join("c1.json"), record.to_string()).expect("record");
+    std::fs::write(dir.join("c2.json"), b"{\"containerId\": ").expect("bad record");
+    let _agent = lab.start_agent(1, &agent()).expect("agent");
+    wait_status(&lab, "xpod0 attached from its record", |s| {
+        s["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["name"] == "xpod0"))
+    });
+    let s = status(&lab);
+    assert_eq!(s["endpoints"][0]["pod"], "x", "{s}");
+    assert_eq!(
+        s["endpoints"][0]["in_api"], false,
+        "no source knows pod x: {s}"
+    );
+    assert!(
+        s["errors"].to_string().contains("c2.json"),
+        "the malformed record is named: {s}"
+    );
+    // The record goes (CNI DEL) and then the device: the agent forgets it.
+    std::fs::remove_file(dir.join("c1.json")).expect("rm record");
+    ip(&["link", "del", "xpod0"]);
+    wait_status(&lab, "xpod0 forgotten", |s| {
+        s["devices"]
+            .as_array()
+            .is_some_and(|d| !d.iter().any(|d| d["name"] == "xpod0"))
+            && s["endpoints"].as_array().is_some_and(Vec::is_empty)
+    });
+}
