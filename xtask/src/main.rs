@@ -7,6 +7,7 @@
 )]
 
 mod bench;
+mod codegen;
 mod demo;
 mod lab;
 mod setup;
@@ -38,6 +39,9 @@ enum Cmd {
     Bench(bench::Args),
     /// Run the lab control plane's kubectl against a lab (`-- ARGS`).
     Kubectl(lab::KubectlArgs),
+    /// Write generated files (the CRDs in charts/meshless/crds/); `--check`
+    /// fails naming each stale one.
+    Codegen(codegen::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Test(a) => test::run(&a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Kubectl(a) => lab::kubectl(&a),
+        Cmd::Codegen(a) => codegen::run(&a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

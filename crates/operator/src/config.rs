@@ -24,7 +24,7 @@ pub enum ConfigError {
 /// A controller this operator can run while it leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Controller {
-    /// LoadBalancer addresses for Services (needs --lb-pool).
+    /// LoadBalancer addresses for Services (from --lb-pool and LoadBalancerIPPools).
     LbIpam,
     /// Pod CIDRs for Nodes without one (from --cluster-cidr).
     NodeIpam,
@@ -48,10 +48,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// Commands besides running the operator (the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Print the operator's CRDs as multi-document YAML and exit (no
+    /// cluster needed). `cargo xtask codegen` writes them into
+    /// charts/meshless/crds/.
+    PrintCrds,
+}
+
 /// meshless-operator: cluster-wide IPAM behind a leader election.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "meshless-operator", version)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Install or upgrade the meshless.dev CRDs at start (server-side
+    /// apply, then wait until Established), before the election. Turn off
+    /// when the CRDs are managed elsewhere (e.g. Helm's crds/) and the
+    /// operator has no RBAC for customresourcedefinitions.
+    #[arg(
+        long,
+        env = "MESHLESS_INSTALL_CRDS",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub install_crds: bool,
     /// Talk to the API server with this kubeconfig. Without it: the
     /// in-cluster service account, then $KUBECONFIG / ~/.kube/config.
     #[arg(long, env = "MESHLESS_KUBECONFIG")]
@@ -87,7 +112,8 @@ pub struct Config {
     pub retry_period: Duration,
 
     /// LoadBalancer address pools (repeat or comma-separate), at most
-    /// one address per family per Service. No pool: LB-IPAM hands out nothing.
+    /// one address per family per Service; served next to every Ready
+    /// LoadBalancerIPPool object, and they win any overlap with one.
     #[arg(long = "lb-pool", env = "MESHLESS_LB_POOLS", value_delimiter = ',')]
     pub lb_pools: Vec<Cidr>,
 
@@ -183,6 +209,8 @@ mod tests {
             }
         );
         assert!(c.lb_pools.is_empty());
+        assert!(c.install_crds);
+        assert_eq!(c.command, None);
         assert_eq!(c.cluster_cidrs.len(), 2);
         assert!(c.runs(Controller::LbIpam) && c.runs(Controller::NodeIpam));
         assert_eq!(c.validate(), Ok(()));
@@ -212,6 +240,17 @@ mod tests {
         assert_eq!(c.identity(Some("pod".into()), "h", 1), "a");
         assert!(!c.runs(Controller::NodeIpam));
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn install_crds_and_print_crds() {
+        assert!(!parse(&["--install-crds=false"]).install_crds);
+        assert!(!parse(&["--install-crds", "false"]).install_crds);
+        assert!(parse(&["--install-crds"]).install_crds);
+        assert!(Config::try_parse_from(["x", "--install-crds=maybe"]).is_err());
+        let c = parse(&["--lb-pool", "198.18.1.0/24", "print-crds"]);
+        assert_eq!(c.command, Some(Command::PrintCrds));
+        assert_eq!(c.lb_pools.len(), 1);
     }
 
     #[test]

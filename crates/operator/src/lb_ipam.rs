@@ -7,6 +7,8 @@
 //! addresses already in Service statuses before it hands out any new one,
 //! so no address is ever given to two Services.
 
+pub mod pools;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -47,7 +49,7 @@ pub enum LbIpamError {
         value: String,
     },
     #[error(
-        "service {service}: {field} asks for {ip}, which no LB pool can hand out (pools: {pools}; IPv4 network and broadcast addresses are never used); pick an address inside one, or add a pool with --lb-pool"
+        "service {service}: {field} asks for {ip}, which no LB pool can hand out (pools: {pools}; IPv4 network and broadcast addresses are never used); pick an address inside one, or add a LoadBalancerIPPool that contains it"
     )]
     RequestedOutsidePools {
         service: ServiceKey,
@@ -74,11 +76,11 @@ pub enum LbIpamError {
         family: Family,
     },
     #[error(
-        "service {service}: no {family} LB pool is configured; add one with --lb-pool or make the Service single-stack"
+        "service {service}: no {family} LB pool is configured; add a LoadBalancerIPPool with an {family} block (or an --lb-pool), or make the Service single-stack"
     )]
     NoPool { service: ServiceKey, family: Family },
     #[error(
-        "service {service}: every {family} LB pool is exhausted ({pools}); add a pool with --lb-pool or delete unused LoadBalancer Services"
+        "service {service}: every {family} LB pool is exhausted ({pools}); add a LoadBalancerIPPool or delete unused LoadBalancer Services"
     )]
     Exhausted {
         service: ServiceKey,
@@ -229,6 +231,31 @@ impl LbAllocator {
             }
         }
         a
+    }
+
+    /// The allocator for a new set of pools (a LoadBalancerIPPool came,
+    /// went or changed): every address this one handed out that the new
+    /// pools still contain stays with its Service; addresses outside them
+    /// are dropped, exactly as [`LbAllocator::rebuild`] ignores addresses
+    /// outside every pool, so the next [`LbAllocator::ensure`] of such a
+    /// Service gives it a new address from the remaining pools, or none
+    /// with a `NoPool`/`Exhausted` error. Ownership comes from this
+    /// allocator rather than from `services`' statuses, which may lag
+    /// behind status writes the watch has not delivered yet.
+    pub fn repool(&self, pools: Vec<Cidr>, services: &[LbService]) -> Self {
+        let views: Vec<LbService> = services
+            .iter()
+            .map(|s| LbService {
+                ingress: self.held(&s.key).to_vec(),
+                ..s.clone()
+            })
+            .collect();
+        Self::rebuild(pools, &views)
+    }
+
+    /// The pools addresses come from.
+    pub fn pools(&self) -> &[Cidr] {
+        &self.pools
     }
 
     fn pools_text(&self, family: Family) -> String {
@@ -462,7 +489,7 @@ mod tests {
         assert!(c.ips.is_empty());
         assert_eq!(
             c.errors[0].to_string(),
-            "service default/c: every IPv4 LB pool is exhausted (198.18.1.0/30); add a pool with --lb-pool or delete unused LoadBalancer Services"
+            "service default/c: every IPv4 LB pool is exhausted (198.18.1.0/30); add a LoadBalancerIPPool or delete unused LoadBalancer Services"
         );
         // Ensuring again is stable: same address, nothing new taken.
         assert_eq!(a.ensure(&svc("a", &[Family::V4])).ips, [ip("198.18.1.1")]);
@@ -563,6 +590,43 @@ mod tests {
         assert_eq!(alloc.ensure(&foreign).ips, [ip("198.18.1.4")]);
         let new = alloc.ensure(&svc("6", &[Family::V4, Family::V6]));
         assert_eq!(new.ips, [ip("198.18.1.5"), ip("fd00:d::1")]);
+    }
+
+    #[test]
+    fn repool_keeps_addresses_still_in_a_pool_and_moves_the_rest() {
+        let mut a = LbAllocator::new(pools(&["198.18.1.0/24", "198.18.2.0/24", "fd00:d::/112"]));
+        let mut x = svc("x", &[Family::V4, Family::V6]);
+        let mut y = svc("y", &[Family::V4]);
+        // Fill the first pool's first addresses, then put y in the second.
+        x.ingress = a.ensure(&x).ips;
+        y.requested = Some(("spec.loadBalancerIP", "198.18.2.7".into()));
+        y.ingress = a.ensure(&y).ips;
+        assert_eq!(y.ingress, [ip("198.18.2.7")]);
+        y.requested = None;
+        // A status not yet seen through the watch: repool trusts the allocator.
+        let mut stale_x = x.clone();
+        stale_x.ingress.clear();
+        // The second pool goes away; a new one comes.
+        let mut b = a.repool(
+            pools(&["198.18.1.0/24", "fd00:d::/112", "198.18.3.0/30"]),
+            &[stale_x, y.clone()],
+        );
+        assert_eq!(b.ensure(&x).ips, x.ingress, "x keeps both addresses");
+        assert_eq!(b.owner(ip("198.18.2.7")), None);
+        assert_eq!(
+            b.ensure(&y).ips,
+            [ip("198.18.1.2")],
+            "y moves to the first pool with room"
+        );
+        // No pool of the family left: no address, and the error says what to add.
+        let mut c = b.repool(pools(&["fd00:d::/112"]), &[x.clone(), y.clone()]);
+        let got = c.ensure(&y);
+        assert!(got.ips.is_empty());
+        assert_eq!(
+            got.errors[0].to_string(),
+            "service default/y: no IPv4 LB pool is configured; add a LoadBalancerIPPool with an IPv4 block (or an --lb-pool), or make the Service single-stack"
+        );
+        assert_eq!(c.ensure(&x).ips, [ip("fd00:d::")]);
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Cluster-wide operator: IPAM for LoadBalancer Services and Nodes, behind
-//! a Lease-based leader election so that any number of replicas is safe.
+//! Cluster-wide operator: the meshless.dev CRDs, IPAM for LoadBalancer
+//! Services and Nodes, behind a Lease-based leader election so that any
+//! number of replicas is safe.
 //!
 //! | module | what | IO |
 //! |---|---|---|
 //! | [`cidr`] | prefix arithmetic for both families | none |
-//! | [`lb_ipam`] | LoadBalancer address allocation from Services | none |
+//! | [`crd`] | the CRD types, their rendering, installing them at start | kube ([`crd::install`] only) |
+//! | [`lb_ipam`] | LoadBalancer address allocation from Services; pool validation | none |
 //! | [`node_ipam`] | pod CIDR allocation from Nodes | none |
 //! | [`election`] | the leader-election state machine | none |
 //! | [`config`] | flags and their checks | none |
@@ -15,6 +17,7 @@
 pub mod cidr;
 pub mod config;
 pub mod controller;
+pub mod crd;
 pub mod election;
 pub mod lb_ipam;
 pub mod lease;
@@ -31,24 +34,47 @@ use crate::election::Elector;
 /// Name the operator reports Events under.
 pub const CONTROLLER_NAME: &str = "meshless-operator";
 
-/// Runs the election and, while leading, the configured controllers, until
+/// Why the operator stopped before it could run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Crd(#[from] crd::CrdError),
+}
+
+/// Installs the CRDs (unless `--install-crds=false`), then runs the
+/// election and, while leading, the configured controllers, until
 /// `shutdown` turns true.
 pub async fn run(
     config: Config,
     client: Client,
     identity: String,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), ConfigError> {
+) -> Result<(), RunError> {
     config.validate()?;
+    // Before the election: a follower's CRDs must be current too, so that
+    // an upgraded follower never serves an old schema after taking over,
+    // and the leader's controllers can watch LoadBalancerIPPools at once.
+    if config.install_crds {
+        crd::install(&client, &crd::crds()).await?;
+    } else {
+        tracing::info!(
+            "--install-crds=false: expecting the meshless.dev CRDs to be installed already"
+        );
+    }
     let node_ipam = node_ipam::NodeIpam::new(
         &config.cluster_cidrs,
         config.node_cidr_mask_size_ipv4,
         config.node_cidr_mask_size_ipv6,
-    )?;
+    )
+    .map_err(ConfigError::from)?;
     let mut controllers: Vec<(&'static str, controller::Start)> = Vec::new();
     if config.runs(Controller::LbIpam) {
         if config.lb_pools.is_empty() {
-            tracing::warn!("LB-IPAM has no --lb-pool: LoadBalancer Services get no address");
+            tracing::info!(
+                "no --lb-pool: LB-IPAM hands out addresses from LoadBalancerIPPool objects only"
+            );
         }
         let (c, pools) = (client.clone(), config.lb_pools.clone());
         let recorder = Recorder::new(

@@ -1,8 +1,10 @@
 //! meshless-operator: parse the flags, build the client, run.
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
 use clap::Parser as _;
-use meshless_operator::config::Config;
+use meshless_operator::config::{Command, Config};
 
 async fn client(config: &Config) -> anyhow::Result<kube::Client> {
     let kube_config = match &config.kubeconfig {
@@ -29,6 +31,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
+    if config.command == Some(Command::PrintCrds) {
+        // The CLI's output: the YAML itself, for `cargo xtask codegen`.
+        let mut out = std::io::stdout().lock();
+        out.write_all(meshless_operator::crd::render_crds().as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing the CRDs to stdout")?;
+        return Ok(());
+    }
     config.validate()?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

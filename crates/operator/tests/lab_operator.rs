@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use meshless_lab::{ControlPlane, Lab, LabProcess, LabSpec, require_root, unique_name};
 
 const T: Duration = Duration::from_secs(60);
@@ -22,11 +23,18 @@ fn setup(prefix: &str) -> (Lab, ControlPlane) {
 }
 
 fn operator(lab: &Lab, cp: &ControlPlane, node: usize, id: &str, extra: &[&str]) -> LabProcess {
+    let mut args = vec!["--lb-pool", POOLS];
+    args.extend_from_slice(extra);
+    operator_with(lab, cp, node, id, &args)
+}
+
+/// An operator with exactly these flags (no `--lb-pool` unless given).
+fn operator_with(lab: &Lab, cp: &ControlPlane, node: usize, id: &str, args: &[&str]) -> LabProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshless-operator"));
     cmd.arg("--kubeconfig")
         .arg(cp.kubeconfig())
-        .args(["--id", id, "--lb-pool", POOLS])
-        .args(extra)
+        .args(["--id", id])
+        .args(args)
         .env("MESHLESS_LOG", "info,meshless_operator=debug");
     lab.spawn_on_host(lab.node(node), &format!("operator-{id}"), cmd)
         .expect("spawn operator")
@@ -156,7 +164,9 @@ fn assert_all_distinct(all: &BTreeMap<String, Vec<IpAddr>>) {
 #[ignore = "lab: needs root and the control plane `cargo xtask setup` builds"]
 fn lab_operator_allocates_loadbalancer_addresses() {
     let (lab, cp) = setup("opa");
-    let op = operator(&lab, &cp, 1, "a", &[]);
+    // Flags only, and no CRD: LB-IPAM must serve --lb-pool without the
+    // LoadBalancerIPPool CRD (the list answers 404, so no pool can exist).
+    let op = operator(&lab, &cp, 1, "a", &["--install-crds=false"]);
     eventually("operator a elected", T, || {
         (holder(&lab, &cp)? == "a").then_some(())
     });
@@ -256,6 +266,10 @@ fn lab_operator_allocates_loadbalancer_addresses() {
     let (ips4, _) = wait_dual(&lab, &cp, "web4", T);
     assert_eq!(ips4, ips2, "web4 reuses deleted web2's addresses");
     assert_all_distinct(&ingress(&lab, &cp));
+    assert!(
+        live_crd(&lab, &cp).is_none(),
+        "--install-crds=false installed {POOL_CRD}"
+    );
     drop(op);
 }
 
@@ -420,5 +434,298 @@ fn lab_operator_assigns_pod_cidrs_to_nodes() {
     });
     assert_eq!(c3, ["198.18.19.0/24", "fd00:b:0:3::/64"]);
     assert_eq!(cidrs("new1"), c1);
+    drop(op);
+}
+
+const POOL_CRD: &str = "loadbalancerippools.meshless.dev";
+
+fn example(path: &str) -> String {
+    format!("{}/../../examples/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The CRD as the API server has it, if it exists.
+fn live_crd(lab: &Lab, cp: &ControlPlane) -> Option<serde_json::Value> {
+    let out = cp
+        .kubectl(lab, &["get", "crd", POOL_CRD, "-o", "json"])
+        .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+fn established(crd: &serde_json::Value) -> bool {
+    crd["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Established" && c["status"] == "True")
+}
+
+/// A pool's Ready condition: (status, reason, message, observedGeneration).
+fn pool_ready(lab: &Lab, cp: &ControlPlane, name: &str) -> Option<(String, String, String, i64)> {
+    let out = cp
+        .kubectl(lab, &["get", "loadbalancerippool", name, "-o", "json"])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let c = v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?;
+    let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    Some((
+        text("status"),
+        text("reason"),
+        text("message"),
+        c["observedGeneration"].as_i64().unwrap_or(-1),
+    ))
+}
+
+/// Waits until pool `name` has Ready=`status` with `reason`; returns the message.
+fn wait_pool(lab: &Lab, cp: &ControlPlane, name: &str, status: &str, reason: &str) -> String {
+    let mut last = None;
+    let got = eventually(
+        &format!("LoadBalancerIPPool {name} Ready={status} reason {reason}"),
+        T,
+        || {
+            let r = pool_ready(lab, cp, name);
+            last = r.clone();
+            r.filter(|(s, why, _, _)| s == status && why == reason)
+        },
+    );
+    eprintln!("pool {name}: {:?} (last seen before: {last:?})", got.0);
+    got.0.2
+}
+
+fn pool(name: &str, blocks: &[&str]) -> String {
+    let blocks: String = blocks
+        .iter()
+        .map(|b| format!("  - cidr: \"{b}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: meshless.dev/v1alpha1\nkind: LoadBalancerIPPool\nmetadata:\n  name: {name}\nspec:\n  blocks:\n{blocks}"
+    )
+}
+
+fn in_cidr(ip: IpAddr, cidr: &str) -> bool {
+    let c: meshless_operator::cidr::Cidr = cidr.parse().expect(cidr);
+    c.contains(ip)
+}
+
+/// The rendered CRD as an older installer might have left it: printer
+/// columns, short name and status subresource missing, a property the
+/// current types no longer have, and a label saying so.
+fn old_crd() -> String {
+    let crd = meshless_operator::crd::crds()
+        .into_iter()
+        .find(|c| c.metadata.name.as_deref() == Some(POOL_CRD))
+        .expect("the pool CRD");
+    let mut v = serde_json::to_value(&crd).expect("JSON");
+    v["metadata"]["labels"]["meshless.dev/test"] = "old-crd".into();
+    v["spec"]["names"]
+        .as_object_mut()
+        .expect("names")
+        .remove("shortNames");
+    let version = &mut v["spec"]["versions"][0];
+    let version = version.as_object_mut().expect("version");
+    version.remove("additionalPrinterColumns");
+    version.remove("subresources");
+    version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["legacyRange"] =
+        serde_json::json!({"type": "string", "description": "removed since"});
+    serde_json::to_string(&v).expect("JSON")
+}
+
+#[test]
+#[ignore = "lab: needs root and the control plane `cargo xtask setup` builds"]
+fn lab_operator_installs_crds_and_serves_lb_pools_from_them() {
+    let (lab, cp) = setup("opd");
+    assert!(
+        live_crd(&lab, &cp).is_none(),
+        "{POOL_CRD} exists before the operator ran"
+    );
+
+    // (a) No --lb-pool: the operator creates the CRD and waits until it is served.
+    let op = operator_with(&lab, &cp, 1, "a", &[]);
+    let (_, took) = eventually("the operator installs an Established CRD", T, || {
+        live_crd(&lab, &cp).filter(established)
+    });
+    eprintln!("{POOL_CRD} Established {took:?} after the operator started");
+    eventually("operator a elected", T, || {
+        (holder(&lab, &cp)? == "a").then_some(())
+    });
+
+    // (b) A LoadBalancer Service before any pool gets no address, and an Event says why.
+    cp.apply(&lab, &service("web", None, None)).expect("web");
+    let (note, _) = eventually("a NoPool Event for web", T, || {
+        let out = cp
+            .kubectl(
+                &lab,
+                &["get", "events.events.k8s.io", "-n", "default", "-o", "json"],
+            )
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["items"].as_array()?.iter().find_map(|e| {
+            let note = e["note"].as_str().unwrap_or("");
+            (e["regarding"]["name"] == "web" && note.contains("no IPv4 LB pool"))
+                .then(|| note.to_owned())
+        })
+    });
+    assert!(note.contains("add a LoadBalancerIPPool"), "{note}");
+    assert!(
+        ips_of(&lab, &cp, "web").is_empty(),
+        "web got an address without a pool"
+    );
+
+    // The example pool: web gets one address per family from it, at once.
+    let applied = Instant::now();
+    cp.kubectl(&lab, &["apply", "-f", &example("lb-ipam/pool.yaml")])
+        .expect("kubectl apply -f examples/lb-ipam/pool.yaml");
+    let (web, _) = wait_dual(&lab, &cp, "web", T);
+    eprintln!(
+        "web got {web:?} {:?} after the pool was applied",
+        applied.elapsed()
+    );
+    assert!(
+        in_cidr(web[0], "198.18.1.0/24") && in_cidr(web[1], "fd00:d::/112"),
+        "web {web:?} is not from examples/lb-ipam/pool.yaml"
+    );
+    let message = wait_pool(&lab, &cp, "default", "True", "Accepted");
+    assert_eq!(message, "serving 198.18.1.0/24, fd00:d::/112");
+    assert_eq!(
+        pool_ready(&lab, &cp, "default").map(|r| r.3),
+        Some(1),
+        "observedGeneration"
+    );
+
+    // (c) An invalid pool and an overlapping one: Ready=False naming the
+    // field; they hand out nothing and the valid pool keeps working.
+    cp.apply(&lab, &pool("blue", &["198.18.6.0/24", "198.18.1.1/24"]))
+        .expect("blue");
+    cp.apply(&lab, &pool("green", &["198.18.1.128/25"]))
+        .expect("green");
+    let blue = wait_pool(&lab, &cp, "blue", "False", "InvalidCIDR");
+    assert!(
+        blue.starts_with(
+            "LoadBalancerIPPool blue: spec.blocks[1].cidr: \"198.18.1.1/24\" has host bits set: did you mean 198.18.1.0/24?"
+        ),
+        "{blue}"
+    );
+    let green = wait_pool(&lab, &cp, "green", "False", "Overlap");
+    assert!(
+        green.starts_with(
+            "LoadBalancerIPPool green: spec.blocks[0].cidr 198.18.1.128/25 overlaps LoadBalancerIPPool default spec.blocks[0].cidr 198.18.1.0/24"
+        ),
+        "{green}"
+    );
+    let table = cp
+        .kubectl(&lab, &["get", "lbippool", "-o", "wide"])
+        .expect("kubectl get lbippool");
+    eprintln!("{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "REASON", "MESSAGE", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["green", "False", "Overlap"])),
+        "{table}"
+    );
+    cp.apply(&lab, &service("web2", None, None)).expect("web2");
+    let (web2, _) = wait_dual(&lab, &cp, "web2", T);
+    assert!(
+        in_cidr(web2[0], "198.18.1.0/24") && in_cidr(web2[1], "fd00:d::/112"),
+        "web2 {web2:?} is not from the valid pool"
+    );
+    assert_eq!(ips_of(&lab, &cp, "web"), web, "web kept its addresses");
+    assert_eq!(
+        pool_ready(&lab, &cp, "default").map(|r| r.0),
+        Some("True".into())
+    );
+    assert_all_distinct(&ingress(&lab, &cp));
+
+    // Deleting the pool in use: green no longer overlaps anything and is
+    // served; Services move into it (IPv4 only: green has no IPv6 block).
+    cp.kubectl(&lab, &["delete", "loadbalancerippool", "default"])
+        .expect("delete pool default");
+    wait_pool(&lab, &cp, "green", "True", "Accepted");
+    for name in ["web", "web2"] {
+        let (ips, _) = eventually(&format!("{name} moves into green, IPv4 only"), T, || {
+            let ips = ips_of(&lab, &cp, name);
+            (ips.len() == 1 && in_cidr(ips[0], "198.18.1.128/25")).then_some(ips)
+        });
+        eprintln!("{name} now has {ips:?}");
+    }
+    assert_all_distinct(&ingress(&lab, &cp));
+    let web_v4 = ips_of(&lab, &cp, "web")[0];
+    drop(op);
+
+    // (d) Upgrade: an older CRD is in place when the operator starts.
+    cp.kubectl(&lab, &["delete", "crd", POOL_CRD])
+        .expect("delete the CRD");
+    let dir = std::env::temp_dir().join(format!("{}-old-crd.json", std::process::id()));
+    std::fs::write(&dir, old_crd()).expect("write the old CRD");
+    cp.kubectl(&lab, &["create", "-f", &dir.display().to_string()])
+        .expect("create the old CRD");
+    let _ignored = std::fs::remove_file(&dir);
+    eventually("the old CRD is Established", T, || {
+        live_crd(&lab, &cp).filter(established)
+    });
+    cp.kubectl(&lab, &["apply", "-f", &example("lb-ipam/pool.yaml")])
+        .expect("the pool under the old CRD");
+    let op = operator_with(&lab, &cp, 2, "b", &[]);
+    let desired = meshless_operator::crd::crds()
+        .into_iter()
+        .find(|c| c.metadata.name.as_deref() == Some(POOL_CRD))
+        .expect("the pool CRD");
+    let want = serde_json::to_value(&desired).expect("JSON");
+    let start = Instant::now();
+    let live = loop {
+        let live = live_crd(&lab, &cp).unwrap_or_default();
+        // Typed: JSON numbers from the server (0) and from the types (0.0) differ.
+        let versions = serde_json::from_value::<CustomResourceDefinition>(live.clone())
+            .ok()
+            .map(|c| c.spec.versions);
+        if established(&live) && versions.as_ref() == Some(&desired.spec.versions) {
+            break live;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the operator did not upgrade the CRD to the current schema in {T:?}:\nwant {}\nlive {}\noperator log:\n{}",
+            want["spec"]["versions"],
+            live["spec"]["versions"],
+            op.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = start.elapsed();
+    eprintln!("CRD upgraded {took:?} after the operator started");
+    let mut names = live["spec"]["names"].clone();
+    // Defaulted by the API server, not part of what the operator applies.
+    names.as_object_mut().map(|n| n.remove("listKind"));
+    assert_eq!(names, want["spec"]["names"], "names (shortNames)");
+    assert_eq!(live["spec"]["scope"], want["spec"]["scope"]);
+    assert_eq!(
+        live["metadata"]["labels"]["app.kubernetes.io/part-of"], "meshless",
+        "{}",
+        live["metadata"]
+    );
+    // The pool under the upgraded CRD is served; web keeps its IPv4 address
+    // (inside the pool again) and gets an IPv6 one back.
+    wait_pool(&lab, &cp, "default", "True", "Accepted");
+    let (web, _) = wait_dual(&lab, &cp, "web", T);
+    assert_eq!(
+        web[0], web_v4,
+        "web kept its IPv4 address across the restart"
+    );
+    assert!(in_cidr(web[1], "fd00:d::/112"), "{web:?}");
+    assert_all_distinct(&ingress(&lab, &cp));
+    let log = op.log();
+    assert!(!log.contains("panicked"), "{log}");
     drop(op);
 }
