@@ -212,6 +212,13 @@ mod tests {
 
     use super::Config;
 
+    /// The required flags (`--node n --cgroup /x`) plus `extra`.
+    fn parse(extra: &[&str]) -> Result<Config, clap::Error> {
+        let mut args = vec!["meshless-agent", "--node", "n", "--cgroup", "/x"];
+        args.extend_from_slice(extra);
+        Config::try_parse_from(args)
+    }
+
     #[test]
     fn defaults_and_pin_dir() {
         let c = Config::try_parse_from([
@@ -229,82 +236,27 @@ mod tests {
 
     #[test]
     fn maglev_size_must_be_prime() {
-        let c = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--maglev-table-size",
-            "16000",
-        ])
-        .expect("parses");
+        let c = parse(&["--maglev-table-size", "16000"]).expect("parses");
         let err = c.validate().expect_err("16000 is not prime");
         assert!(err.contains("not prime") && err.contains("16381"), "{err}");
-        let c = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--node-ip",
-            "198.18.0.11,fd00:a::11",
-        ])
-        .expect("parses");
+        let c = parse(&["--node-ip", "198.18.0.11,fd00:a::11"]).expect("parses");
         assert!(c.validate().is_ok());
         assert_eq!(c.node_ips.len(), 2);
     }
 
     #[test]
     fn pod_cidrs_parse_and_bad_ones_say_why() {
-        let c = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--pod-cidr",
-            "198.18.17.0/24,fd00:b:1::/64",
-        ])
-        .expect("parses");
+        let c = parse(&["--pod-cidr", "198.18.17.0/24,fd00:b:1::/64"]).expect("parses");
         assert_eq!(c.pod_cidrs.len(), 2);
-        let err = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--pod-cidr",
-            "198.18.17.0/33",
-        ])
-        .expect_err("/33");
+        let err = parse(&["--pod-cidr", "198.18.17.0/33"]).expect_err("/33");
         assert!(err.to_string().contains("longer than 32"), "{err}");
-        let c = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--external-device",
-            "eth0",
-        ])
-        .expect("parses");
+        let c = parse(&["--external-device", "eth0"]).expect("parses");
         assert!(
             c.validate()
                 .expect_err("needs a node IP")
                 .contains("--node-ip")
         );
-        let c = Config::try_parse_from([
-            "meshless-agent",
-            "--node",
-            "n",
-            "--cgroup",
-            "/x",
-            "--external-device",
-            "eth0",
-            "--in-cluster",
-        ])
-        .expect("parses");
+        let c = parse(&["--external-device", "eth0", "--in-cluster"]).expect("parses");
         assert!(
             c.validate().is_ok(),
             "the Node object will give the address"

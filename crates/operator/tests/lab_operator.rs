@@ -40,6 +40,27 @@ fn operator_with(lab: &Lab, cp: &ControlPlane, node: usize, id: &str, args: &[&s
         .expect("spawn operator")
 }
 
+/// The note of the first Event about Service `name` in `default` whose
+/// note satisfies `wanted`.
+fn event_note(
+    lab: &Lab,
+    cp: &ControlPlane,
+    name: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let out = cp
+        .kubectl(
+            lab,
+            &["get", "events.events.k8s.io", "-n", "default", "-o", "json"],
+        )
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["items"].as_array()?.iter().find_map(|e| {
+        let note = e["note"].as_str().unwrap_or("");
+        (e["regarding"]["name"] == name && wanted(note)).then(|| note.to_owned())
+    })
+}
+
 fn sigkill(p: &mut LabProcess) {
     let ok = Command::new("kill")
         .args(["-KILL", &p.pid().to_string()])
@@ -218,17 +239,7 @@ fn lab_operator_allocates_loadbalancer_addresses() {
     cp.apply(&lab, &service("greedy", Some("198.18.1.200"), None))
         .expect("greedy");
     let (note, _) = eventually("an Event for greedy", T, || {
-        let out = cp
-            .kubectl(
-                &lab,
-                &["get", "events.events.k8s.io", "-n", "default", "-o", "json"],
-            )
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        v["items"].as_array()?.iter().find_map(|e| {
-            (e["regarding"]["name"] == "greedy")
-                .then(|| e["note"].as_str().unwrap_or("").to_owned())
-        })
+        event_note(&lab, &cp, "greedy", |_| true)
     });
     assert!(
         note.contains("annotation meshless.dev/lb-ip asks for 198.18.1.200, which is already the address of service default/asked"),
@@ -554,18 +565,7 @@ fn lab_operator_installs_crds_and_serves_lb_pools_from_them() {
     // (b) A LoadBalancer Service before any pool gets no address, and an Event says why.
     cp.apply(&lab, &service("web", None, None)).expect("web");
     let (note, _) = eventually("a NoPool Event for web", T, || {
-        let out = cp
-            .kubectl(
-                &lab,
-                &["get", "events.events.k8s.io", "-n", "default", "-o", "json"],
-            )
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        v["items"].as_array()?.iter().find_map(|e| {
-            let note = e["note"].as_str().unwrap_or("");
-            (e["regarding"]["name"] == "web" && note.contains("no IPv4 LB pool"))
-                .then(|| note.to_owned())
-        })
+        event_note(&lab, &cp, "web", |n| n.contains("no IPv4 LB pool"))
     });
     assert!(note.contains("add a LoadBalancerIPPool"), "{note}");
     assert!(
