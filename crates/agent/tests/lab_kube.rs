@@ -59,6 +59,24 @@ fn replies(
         .unwrap_or_default()
 }
 
+/// The HTTP status code of node 1's agent probe `path`, asked on the
+/// node's loopback as a DaemonSet's probe would.
+fn probe(lab: &Lab, path: &str) -> String {
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://127.0.0.1:9876{path}"),
+    ]);
+    lab.spawn_on_host(lab.node(1), "curl", curl)
+        .expect("curl")
+        .wait_success(T)
+        .expect("curl runs")
+}
+
 /// Polls until `f` holds, failing with `what` after T.
 fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -71,7 +89,7 @@ fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Dura
 
 #[test]
 #[ignore = "lab: needs root and the control plane `cargo xtask setup` builds"]
-fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
+fn lab_kube_agent_follows_the_api_and_survives_apiserver_and_agent_restarts() {
     require_root();
     let mut lab = Lab::create(LabSpec::new(unique_name("kube"))).expect("lab");
     let client = lab.add_pod(1, "client").expect("client");
@@ -89,8 +107,9 @@ fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
         .expect("apply web");
     let kubeconfig = cp.kubeconfig().display().to_string();
     let agent = std::path::Path::new(env!("CARGO_BIN_EXE_meshless-agent"));
-    let agent = lab
-        .start_agent_with(1, agent, &["--kubeconfig", &kubeconfig])
+    let agent_bin = agent;
+    let mut agent = lab
+        .start_agent_with(1, agent_bin, &["--kubeconfig", &kubeconfig])
         .expect("agent");
     lab.wait_agent_ready(1, T).expect("agent ready");
     let start = Instant::now();
@@ -112,21 +131,7 @@ fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
     );
     // The probes a DaemonSet would use, on the node's loopback.
     for path in ["/healthz", "/readyz"] {
-        let mut curl = Command::new("curl");
-        curl.args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://127.0.0.1:9876{path}"),
-        ]);
-        let code = lab
-            .spawn_on_host(lab.node(1), "curl", curl)
-            .expect("curl")
-            .wait_success(T)
-            .expect("curl runs");
-        assert_eq!(code.trim(), "200", "{path}");
+        assert_eq!(probe(&lab, path).trim(), "200", "{path}");
     }
 
     // An endpoint change reaches the datapath promptly.
@@ -190,4 +195,64 @@ fn lab_kube_agent_follows_the_api_and_survives_an_apiserver_restart() {
         "the established connection lived through the API server restart: {h}"
     );
     assert_eq!(replies(&lab, &client, 50).len(), 2);
+
+    // An agent that (re)starts while the API server is down must not
+    // reconcile against an empty cluster: it adopts what is pinned, keeps
+    // balancing, reports not ready, and writes nothing once the API is back.
+    let mut hold = labtool();
+    hold.args(["hold", "--to", "198.19.0.10:80", "--duration-ms", "8000"]);
+    let mut hold = lab.spawn_in_pod(&client, "hold", hold).expect("hold");
+    cp.stop_apiserver().expect("kill kube-apiserver");
+    agent
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .expect("SIGKILL the agent");
+    agent.wait_timeout(T).expect("agent gone");
+    let _ = std::fs::remove_file(lab.node_state_dir(1).join("status.json"));
+    let agent = lab
+        .start_agent_with(1, agent_bin, &["--kubeconfig", &kubeconfig])
+        .expect("agent again");
+    eventually("the new agent writes its status", T, || {
+        status(&lab)["lb"]["frontends"] == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status(&lab);
+    assert_eq!(
+        (s["lb"]["frontends"].clone(), s["source_updates"].clone()),
+        (serde_json::json!(2), serde_json::json!(0)),
+        "adopted the pinned services and read nothing yet: {s}"
+    );
+    assert_eq!(
+        replies(&lab, &client, 50).len(),
+        2,
+        "balanced by the pinned datapath, no API server, a fresh agent"
+    );
+    let code = probe(&lab, "/readyz");
+    assert_eq!(
+        code.trim(),
+        "503",
+        "not ready before the first list (the datapath still serves)"
+    );
+    cp.start_apiserver(&lab).expect("restart kube-apiserver");
+    eventually("the new agent listed everything", T, || {
+        status(&lab)["source_updates"].as_u64().unwrap_or(0) >= 1
+    });
+    let lb = status(&lab)["lb"].clone();
+    assert_eq!(
+        (
+            lb["generation"].clone(),
+            lb["last_services_written"].clone()
+        ),
+        (serde_json::json!(1), serde_json::json!(0)),
+        "the first compile after adoption wrote nothing: {lb}"
+    );
+    let code = probe(&lab, "/readyz");
+    assert_eq!(code.trim(), "200", "ready once listed");
+    let out = hold.wait_success(T).expect("hold exits 0");
+    let h: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("JSON");
+    assert_eq!(
+        h["failed"], 0,
+        "the connection lived through API server loss and an agent restart: {h}"
+    );
+    drop(agent);
 }
