@@ -129,7 +129,8 @@ fn split_crds(yaml: &str) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(files)
 }
 
-/// The `.yaml` files in `dir` (none if it does not exist).
+/// Every file in `dir` (none if it does not exist): Helm would install
+/// any of them, so any that no type renders is stale.
 fn existing(dir: &Path) -> anyhow::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,

@@ -492,7 +492,7 @@ impl Datapath {
             loaded_at_unix: self.loaded_at_unix,
             lb: None,
             node_facts: None,
-            external_attached: false,
+            external_attached: self.external.is_some(),
             endpoints: Vec::new(),
             cluster: None,
             source_updates: 0,

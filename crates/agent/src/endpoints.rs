@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -78,6 +78,12 @@ pub fn join(records: &[CniRecord], pods: &[Pod], node: &str) -> Vec<LocalEndpoin
 pub struct RecordDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, (Stamp, Result<CniRecord, String>)>,
+    /// The valid records and the messages for invalid files, as of the last
+    /// scan that changed anything.
+    records: Vec<CniRecord>,
+    errors: Vec<String>,
+    /// A directory that could not be listed (not a missing one).
+    unreadable: Option<String>,
 }
 
 /// A file's mtime and size: when both are unchanged, so is the record.
@@ -88,17 +94,28 @@ impl RecordDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            records: Vec::new(),
+            errors: Vec::new(),
+            unreadable: None,
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Valid records as of the last [`RecordDir::scan`].
+    pub fn records(&self) -> &[CniRecord] {
+        &self.records
     }
 
-    /// Reads what changed. Returns the valid records and one message per
-    /// file that is not a valid record (named, never fatal). A missing
-    /// directory is an empty node: the CNI creates it with the first pod.
-    pub fn scan(&mut self) -> (Vec<CniRecord>, Vec<String>) {
+    /// One message per file that is not a valid record (named, never
+    /// fatal), or for a directory that cannot be listed.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// Lists the directory and re-reads the files that changed. Returns
+    /// whether the records or errors changed. A missing directory is an
+    /// empty node: the CNI creates it with the first pod. An unreadable one
+    /// keeps the records read before.
+    pub fn scan(&mut self) -> bool {
         let paths: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd
                 .filter_map(Result::ok)
@@ -112,16 +129,23 @@ impl RecordDir {
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
-                return (
-                    self.valid(),
-                    vec![format!(
-                        "reading CNI endpoint records in {}: {e}",
-                        self.dir.display()
-                    )],
+                let msg = format!(
+                    "reading CNI endpoint records in {}: {e}",
+                    self.dir.display()
                 );
+                let changed = self.unreadable.as_ref() != Some(&msg);
+                if changed {
+                    tracing::warn!(error = %msg, "CNI endpoint records");
+                    self.errors = vec![msg.clone()];
+                }
+                self.unreadable = Some(msg);
+                return changed;
             }
         };
+        let mut changed = self.unreadable.take().is_some();
+        let before = self.files.len();
         self.files.retain(|p, _| paths.contains(p));
+        changed |= self.files.len() != before;
         for path in paths {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -142,21 +166,25 @@ impl RecordDir {
                         path.display()
                     )
                 });
+            if let Err(e) = &parsed {
+                tracing::warn!(error = %e, "CNI endpoint record");
+            }
             self.files.insert(path, (stamp, parsed));
+            changed = true;
         }
-        let errors = self
-            .files
-            .values()
-            .filter_map(|(_, r)| r.as_ref().err().cloned())
-            .collect();
-        (self.valid(), errors)
-    }
-
-    fn valid(&self) -> Vec<CniRecord> {
-        self.files
-            .values()
-            .filter_map(|(_, r)| r.as_ref().ok().cloned())
-            .collect()
+        if changed {
+            self.records = self
+                .files
+                .values()
+                .filter_map(|(_, r)| r.as_ref().ok().cloned())
+                .collect();
+            self.errors = self
+                .files
+                .values()
+                .filter_map(|(_, r)| r.as_ref().err().cloned())
+                .collect();
+        }
+        changed
     }
 }
 
@@ -228,7 +256,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ml-agent-eps-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut rd = RecordDir::new(&dir);
-        assert_eq!(rd.scan(), (vec![], vec![]), "no directory yet: no pods");
+        assert!(!rd.scan(), "no directory yet: no pods, nothing changed");
+        assert!(rd.records().is_empty() && rd.errors().is_empty());
         std::fs::create_dir_all(&dir).expect("mkdir");
         let good = record("c1", Some("default"), Some("web-1"), "mlc1");
         std::fs::write(
@@ -238,13 +267,15 @@ mod tests {
         .expect("write");
         std::fs::write(dir.join("c2.json"), b"{not json").expect("write");
         std::fs::write(dir.join(".c3.json.tmp"), b"half").expect("write");
-        let (records, errors) = rd.scan();
-        assert_eq!(records, vec![good]);
+        assert!(rd.scan(), "two new files");
+        assert_eq!(rd.records(), [good]);
+        let errors = rd.errors();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("c2.json"), "{errors:?}");
+        assert!(!rd.scan(), "nothing changed: nothing re-read");
         std::fs::remove_file(dir.join("c1.json")).expect("rm");
-        let (records, _) = rd.scan();
-        assert!(records.is_empty(), "a removed record is gone");
+        assert!(rd.scan(), "a removal is a change");
+        assert!(rd.records().is_empty(), "a removed record is gone");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -145,84 +145,100 @@ struct Agent {
     facts: node::NodeFacts,
     records: endpoints::RecordDir,
     endpoints: Vec<endpoints::LocalEndpoint>,
-    endpoint_errors: Vec<String>,
+    /// Host devices the CNI records name.
+    registered: std::collections::BTreeSet<String>,
+    /// Why the north-south path is not attached yet, once it was tried.
+    external_error: Option<String>,
 }
 
 impl Agent {
-    /// Reads the source and the CNI records, then brings node facts, load
-    /// balancing, the north-south path and pod devices up to date.
-    fn tick(&mut self) {
-        let mut changed = false;
-        if let Some(src) = self.source.as_mut()
-            && let Some((objects, errors)) = src.poll()
-        {
-            self.objects = objects;
-            self.source_errors = errors;
-            self.listed = true;
-            self.source_updates += 1;
-            changed = true;
-        }
-        if changed {
-            let facts = node::resolve(&self.config, &self.objects.nodes);
-            if facts != self.facts {
-                tracing::info!(
-                    ips = ?facts.ips, ips_from = ?facts.ips_from,
-                    pod_cidrs = ?facts.pod_cidrs, pod_cidrs_from = ?facts.pod_cidrs_from,
-                    zone = ?facts.zone, "node facts"
-                );
-                for e in &facts.errors {
-                    tracing::warn!(error = %e, "node object problem");
-                }
-                self.facts = facts;
-                if let Err(err) = self.datapath.write_node_config(&self.facts) {
-                    tracing::warn!(error = %err, "updating the north-south node facts");
-                }
+    /// Reads the source; when it delivered a change, brings the node facts
+    /// and load balancing up to date. Nothing is recompiled between changes.
+    fn read_source(&mut self) -> bool {
+        let Some((objects, errors)) = self.source.as_mut().and_then(|s| s.poll()) else {
+            return false;
+        };
+        self.objects = objects;
+        self.source_errors = errors;
+        self.listed = true;
+        self.source_updates += 1;
+        let facts = node::resolve(&self.config, &self.objects.nodes);
+        if facts != self.facts {
+            tracing::info!(
+                ips = ?facts.ips, ips_from = ?facts.ips_from,
+                pod_cidrs = ?facts.pod_cidrs, pod_cidrs_from = ?facts.pod_cidrs_from,
+                zone = ?facts.zone, "node facts"
+            );
+            for e in &facts.errors {
+                tracing::warn!(error = %e, "node object problem");
+            }
+            self.facts = facts;
+            if let Err(err) = self.datapath.write_node_config(&self.facts) {
+                tracing::warn!(error = %err, "updating the north-south node facts");
             }
         }
-        self.attach_external_when_known();
         if let Some(lb) = &mut self.lb {
-            if self.listed {
-                let node = meshless_lb::NodeContext {
-                    node_name: self.config.node.clone(),
-                    node_ips: self.facts.ips.clone(),
-                    zone: self.facts.zone.clone(),
-                };
-                lb.reconcile(&self.objects, &self.source_errors, node);
-            }
-            lb.refresh_status();
+            let node = meshless_lb::NodeContext {
+                node_name: self.config.node.clone(),
+                node_ips: self.facts.ips.clone(),
+                zone: self.facts.zone.clone(),
+            };
+            lb.reconcile(&self.objects, &self.source_errors, node);
         }
-        let (records, errors) = self.records.scan();
-        for e in errors.iter().filter(|e| !self.endpoint_errors.contains(e)) {
-            tracing::warn!(error = %e, "CNI endpoint record");
-        }
-        self.endpoint_errors = errors;
-        let endpoints = endpoints::join(&records, &self.objects.pods, &self.config.node);
-        if endpoints != self.endpoints {
-            tracing::debug!(endpoints = endpoints.len(), "endpoints changed");
-            self.endpoints = endpoints;
-        }
-        let registered: std::collections::BTreeSet<String> =
-            records.iter().map(|r| r.host_device.clone()).collect();
-        // A device that fails to attach is reported and retried on the
-        // next tick; it never stops the agent.
-        self.datapath.sync_pod_devices(&registered);
+        true
     }
 
-    /// The north-south path needs an IPv4 node address (its SNAT source);
-    /// without a flag that arrives with the Node object.
-    fn attach_external_when_known(&mut self) {
+    /// One period of the main loop: the source, the north-south path, the
+    /// CNI records and the pod devices.
+    fn tick(&mut self) {
+        let source_changed = self.read_source();
+        if let Err(err) = self.attach_external_when_known() {
+            let err = err.to_string();
+            if self.external_error.as_ref() != Some(&err) {
+                tracing::warn!(error = %err, "attaching the north-south path; will retry");
+            }
+            self.external_error = Some(err);
+        }
+        if let Some(lb) = &mut self.lb {
+            lb.refresh_status();
+        }
+        if self.records.scan() || source_changed {
+            let endpoints = endpoints::join(
+                self.records.records(),
+                &self.objects.pods,
+                &self.config.node,
+            );
+            if endpoints != self.endpoints {
+                tracing::debug!(endpoints = endpoints.len(), "endpoints changed");
+                self.endpoints = endpoints;
+            }
+            self.registered = self
+                .records
+                .records()
+                .iter()
+                .map(|r| r.host_device.clone())
+                .collect();
+        }
+        // A device that fails to attach is reported and retried on the
+        // next tick; it never stops the agent.
+        self.datapath.sync_pod_devices(&self.registered);
+    }
+
+    /// The north-south path needs an IPv4 node address (its SNAT source):
+    /// from --node-ip at start, else from the Node object when it arrives.
+    /// Nothing to do is `Ok`.
+    fn attach_external_when_known(&mut self) -> Result<(), DatapathError> {
         let Some(dev) = self.config.external_device.clone() else {
-            return;
+            return Ok(());
         };
-        if self.datapath.external_attached() {
-            return;
+        if self.datapath.external_attached()
+            || !self.facts.ips.iter().any(std::net::IpAddr::is_ipv4)
+        {
+            return Ok(());
         }
-        if !self.facts.ips.iter().any(std::net::IpAddr::is_ipv4) {
-            return;
-        }
-        if let Err(err) = self.datapath.attach_external(&dev, &self.facts) {
-            tracing::warn!(device = %dev, error = %err, "attaching the north-south path; will retry");
-        }
+        self.datapath.attach_external(&dev, &self.facts)?;
+        self.external_error = None;
+        Ok(())
     }
 
     fn status(&self) -> Status {
@@ -237,13 +253,12 @@ impl Agent {
             nodes: self.objects.nodes.len(),
             namespaces: self.objects.namespaces.len(),
         });
-        st.external_attached = self.datapath.external_attached();
         st.source_updates = self.source_updates;
         st.errors = self
             .facts
             .errors
             .iter()
-            .chain(&self.endpoint_errors)
+            .chain(self.records.errors())
             .cloned()
             .collect();
         st
@@ -254,7 +269,10 @@ impl Agent {
             return Err("waiting for the first list of cluster objects".to_owned());
         }
         if self.config.external_device.is_some() && !self.datapath.external_attached() {
-            return Err("waiting for an IPv4 node address (--node-ip or the Node object's status.addresses) to attach the north-south path".to_owned());
+            return Err(match &self.external_error {
+                Some(err) => format!("attaching the north-south path failed: {err}"),
+                None => "waiting for an IPv4 node address (--node-ip or the Node object's status.addresses) to attach the north-south path".to_owned(),
+            });
         }
         Ok(())
     }
@@ -302,27 +320,21 @@ pub async fn run_with_source(
         source_updates: 0,
         facts,
         endpoints: Vec::new(),
-        endpoint_errors: Vec::new(),
+        registered: std::collections::BTreeSet::new(),
+        external_error: None,
     };
     // Services first, hooks second: the first connect() a new hook sees
     // already finds every service.
-    agent.tick();
+    agent.read_source();
     agent
         .datapath
         .attach_cgroup()
         .context("attaching the socket hooks")?;
-    // With --node-ip the north-south path must come up now, and a wrong
-    // --external-device is a startup error; otherwise it waits for the
-    // Node object (see Agent::attach_external_when_known).
-    if let Some(dev) = agent.config.external_device.clone()
-        && !agent.datapath.external_attached()
-        && agent.facts.ips_from == node::Origin::Flag
-    {
-        agent
-            .datapath
-            .attach_external(&dev, &agent.facts)
-            .context("attaching the north-south path")?;
-    }
+    // With an address known now (--node-ip) a wrong --external-device is a
+    // startup error; otherwise the ticks attach it once the Node arrives.
+    agent
+        .attach_external_when_known()
+        .context("attaching the north-south path")?;
     let probes = health::new();
     if let Some(addr) = agent.config.health_addr {
         let p = std::sync::Arc::clone(&probes);

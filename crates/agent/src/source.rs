@@ -43,37 +43,23 @@ impl ClusterObjects {
     /// recompile.
     pub fn lb_fingerprint(&self) -> u64 {
         use std::hash::{Hash as _, Hasher as _};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        fn meta(
-            h: &mut std::collections::hash_map::DefaultHasher,
-            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-            whole: impl FnOnce() -> String,
-        ) {
-            use std::hash::Hash as _;
-            match (&m.uid, &m.resource_version) {
-                (Some(uid), Some(rv)) => (uid, rv).hash(h),
-                // Manifests carry neither: hash the object itself.
-                _ => whole().hash(h),
+        fn add<K: ::kube::Resource + serde::Serialize>(h: &mut impl std::hash::Hasher, all: &[K]) {
+            all.len().hash(h);
+            for o in all {
+                let m = o.meta();
+                match (&m.uid, &m.resource_version) {
+                    (Some(uid), Some(rv)) => (uid, rv).hash(h),
+                    // Manifests carry neither: hash the object itself.
+                    _ => serde_json::to_string(o).unwrap_or_default().hash(h),
+                }
             }
         }
-        self.services.len().hash(&mut h);
-        for s in &self.services {
-            meta(&mut h, &s.metadata, || {
-                serde_json::to_string(s).unwrap_or_default()
-            });
-        }
-        self.slices.len().hash(&mut h);
-        for s in &self.slices {
-            meta(&mut h, &s.metadata, || {
-                serde_json::to_string(s).unwrap_or_default()
-            });
-        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        add(&mut h, &self.services);
+        add(&mut h, &self.slices);
         h.finish()
     }
 }
-
-/// Errors a source reports about itself (not about one object) start so.
-pub const SOURCE_ERROR_PREFIX: &str = "the Kubernetes API watch";
 
 /// A source of cluster objects.
 pub trait Source: Send {
@@ -94,7 +80,8 @@ struct FileObjects {
 
 /// Every `*.yaml`, `*.yml` and `*.json` file in a directory: multi-document
 /// YAML of v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node
-/// and v1 Namespace objects. Other kinds are ignored. Files are re-read when their mtime or size changes.
+/// and v1 Namespace objects. Other kinds are ignored. Files are re-read
+/// when their mtime or size changes.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,

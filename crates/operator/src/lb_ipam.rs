@@ -253,11 +253,6 @@ impl LbAllocator {
         Self::rebuild(pools, &views)
     }
 
-    /// The pools addresses come from.
-    pub fn pools(&self) -> &[Cidr] {
-        &self.pools
-    }
-
     fn pools_text(&self, family: Family) -> String {
         let p: Vec<String> = self
             .pools

@@ -167,10 +167,7 @@ impl Source for KubeSource {
                 .collect(),
         };
         let errors = if self.progress.failing.load(Ordering::SeqCst) {
-            vec![format!(
-                "{} is failing; serving the last known state",
-                super::SOURCE_ERROR_PREFIX
-            )]
+            vec!["the Kubernetes API watch is failing; serving the last known state".to_owned()]
         } else {
             Vec::new()
         };
